@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for registry.v1 (see ``make proto``)."""

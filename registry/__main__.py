@@ -1,0 +1,7 @@
+"""``python -m registry serve | health``."""
+
+import sys
+
+from registry.cli import main
+
+sys.exit(main())

@@ -1,0 +1,257 @@
+"""The local replica: every node, indexed by pool and language pair.
+
+The asyncio loop is the only writer and every method here is synchronous, so a reader
+never sees a half-applied change and never takes a lock. Changes arrive from two places:
+the change feed (every logged change, in version order) and the sidecar's own writes
+(applied at once, so a caller reads its own write). A node is replaced only by a newer
+node version, so both paths may deliver the same change in any order.
+
+Watchers subscribe to the ordered feed of changes. The replica keeps the most recent
+changes so a Watch can resume from a token without a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from registry.model import Change, EventType, LanguagePair, Node
+
+K = TypeVar("K")
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One watcher's queue. Overflow ends the subscription instead of growing memory."""
+
+    pool_id: str
+    queue: asyncio.Queue[Change | None]
+    overflowed: bool = False
+    closed: bool = field(default=False)
+
+
+class Replica:
+    """Full copy of the registry. Only the event loop calls the mutating methods."""
+
+    def __init__(self, *, history: int = 10_000, watch_queue_max: int = 4_096) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.by_pool: dict[str, set[str]] = {}
+        self.by_lang: dict[LanguagePair, set[str]] = {}
+        self.version = 0
+        """Highest log version applied in order; every change up to it is reflected."""
+        self.synced_at = 0.0
+        """Monotonic time at which the replica was last known to hold every change."""
+        self.ready = False
+        self.events_applied = 0
+        self.reloads = 0
+        self._history: deque[tuple[Change, frozenset[str]]] = deque(maxlen=history)
+        self._history_floor = 0
+        """Changes after this version are all in ``_history`` (resumable)."""
+        self._subs: set[Subscription] = set()
+        self._queue_max = watch_queue_max
+        self._feed_pools: dict[str, frozenset[str]] = {}
+        """Each node's pools as of the ordered feed alone, unaffected by local writes, so
+        pool watchers learn when a node leaves their pool whichever path came first."""
+        self._tombstones: dict[str, int] = {}
+        """Nodes this sidecar deleted ahead of the feed: id -> version of the delete."""
+
+    # --- reads ------------------------------------------------------------------------
+
+    def get(self, node_id: str) -> Node | None:
+        return self.nodes.get(node_id)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def staleness_ms(self) -> int:
+        if not self.synced_at:
+            return -1
+        return int((time.monotonic() - self.synced_at) * 1000)
+
+    def candidates(self, pool_id: str, lang_pair: LanguagePair | None) -> Iterable[Node]:
+        """Nodes matching pool and language pair, through the smaller index."""
+        sets: list[set[str]] = []
+        if pool_id:
+            sets.append(self.by_pool.get(pool_id, set()))
+        if lang_pair is not None:
+            sets.append(self.by_lang.get(lang_pair, set()))
+        if not sets:
+            return self.nodes.values()
+        sets.sort(key=len)
+        ids = sets[0] if len(sets) == 1 else sets[0].intersection(*sets[1:])
+        nodes = self.nodes
+        return [nodes[i] for i in ids]
+
+    # --- writes (event loop only) -----------------------------------------------------
+
+    def mark_synced(self) -> None:
+        self.synced_at = time.monotonic()
+
+    def apply_local(self, node: Node | None, node_id: str, version: int) -> None:
+        """A write this sidecar made: reflect it now; the feed delivers it again later."""
+        if node is None:
+            if node_id in self.nodes and self.nodes[node_id].version < version:
+                self._remove(node_id)
+                self._tombstones[node_id] = version
+            return
+        if node_id in self._tombstones and self._tombstones[node_id] >= node.version:
+            return
+        current = self.nodes.get(node_id)
+        if current is None or current.version < node.version:
+            self._store(node)
+
+    def apply(self, change: Change) -> None:
+        """Apply the next logged change (versions strictly increasing)."""
+        if change.version <= self.version:
+            return
+        before = self.nodes.get(change.node_id)
+        pools_before = self._feed_pools.pop(change.node_id, frozenset())
+        if change.node is not None:
+            self._feed_pools[change.node_id] = change.node.pools
+        if change.type is EventType.PUT and change.node is not None:
+            dead = self._tombstones.get(change.node_id, 0)
+            if (before is None or before.version < change.version) and change.version > dead:
+                self._store(change.node)
+        elif before is not None and before.version < change.version:
+            self._remove(change.node_id)
+        if self._tombstones:
+            self._tombstones = {k: v for k, v in self._tombstones.items() if v > change.version}
+        self.version = change.version
+        self.events_applied += 1
+        self._history.append((change, pools_before))
+        if len(self._history) == self._history.maxlen:
+            self._history_floor = self._history[0][0].version - 1
+        self._publish(change, pools_before)
+
+    def replace_all(self, nodes: Iterable[Node], version: int) -> None:
+        """Swap in a full snapshot (preload, or reload after a gap).
+
+        Watchers get the difference as PUT/DELETE changes at the snapshot's version; the
+        history restarts there, so a token from before the reload leads to a snapshot.
+        """
+        fresh = {n.node_id: n for n in nodes}
+        old_pools = self._feed_pools
+        changes: list[tuple[Change, frozenset[str]]] = []
+        for node_id in set(self.nodes) | set(old_pools):
+            if node_id not in fresh:
+                gone = Change(version, EventType.DELETE, node_id, None)
+                changes.append((gone, old_pools.get(node_id, frozenset())))
+        for node_id, node in fresh.items():
+            if self.nodes.get(node_id) != node or node_id not in old_pools:
+                put = Change(version, EventType.PUT, node_id, node)
+                changes.append((put, old_pools.get(node_id, frozenset())))
+        self._feed_pools = {n.node_id: n.pools for n in fresh.values()}
+        self.nodes = {}
+        self.by_pool = {}
+        self.by_lang = {}
+        for node in fresh.values():
+            self._store(node)
+        self._tombstones.clear()
+        self.version = version
+        self._history.clear()
+        self._history_floor = version
+        self.reloads += 1
+        for change, pools_before in changes:
+            self._publish(change, pools_before)
+
+    def _store(self, node: Node) -> None:
+        old = self.nodes.get(node.node_id)
+        if old is not None and (old.pools != node.pools or old.lang_pairs != node.lang_pairs):
+            self._unindex(old)
+            old = None
+        self.nodes[node.node_id] = node
+        if old is None:
+            for pool in node.pools:
+                self.by_pool.setdefault(pool, set()).add(node.node_id)
+            for pair in node.lang_pairs:
+                self.by_lang.setdefault(pair, set()).add(node.node_id)
+
+    def _remove(self, node_id: str) -> None:
+        old = self.nodes.pop(node_id, None)
+        if old is not None:
+            self._unindex(old)
+
+    def _unindex(self, node: Node) -> None:
+        _drop(self.by_pool, node.pools, node.node_id)
+        _drop(self.by_lang, node.lang_pairs, node.node_id)
+
+    # --- watch ------------------------------------------------------------------------
+
+    def subscribe(self, pool_id: str = "") -> Subscription:
+        sub = Subscription(pool_id, asyncio.Queue(maxsize=self._queue_max))
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        sub.closed = True
+        self._subs.discard(sub)
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subs)
+
+    def history_after(self, version: int, pool_id: str = "") -> list[Change] | None:
+        """Changes after ``version`` as a pool watcher sees them, or None when the history
+        no longer covers ``version``."""
+        if version < self._history_floor or version > self.version:
+            return None
+        out = []
+        for change, pools_before in self._history:
+            if change.version > version:
+                seen = for_pool(change, pools_before, pool_id)
+                if seen is not None:
+                    out.append(seen)
+        return out
+
+    def snapshot(self, pool_id: str = "") -> Iterator[Node]:
+        if not pool_id:
+            return iter(list(self.nodes.values()))
+        return iter([self.nodes[i] for i in sorted(self.by_pool.get(pool_id, ()))])
+
+    def _publish(self, change: Change, pools_before: frozenset[str]) -> None:
+        for sub in list(self._subs):
+            seen = for_pool(change, pools_before, sub.pool_id)
+            if seen is None:
+                continue
+            try:
+                sub.queue.put_nowait(seen)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+                self._subs.discard(sub)
+                _wake(sub)
+
+
+def _drop(index: dict[K, set[str]], keys: Iterable[K], node_id: str) -> None:
+    for key in keys:
+        members = index.get(key)
+        if members is not None:
+            members.discard(node_id)
+            if not members:
+                del index[key]
+
+
+def for_pool(change: Change, pools_before: frozenset[str], pool_id: str) -> Change | None:
+    """A change as a watcher of ``pool_id`` sees it: changes to nodes of the pool as they
+    are, a node leaving the pool as a DELETE, and nothing about other nodes."""
+    if not pool_id:
+        return change
+    now_in = change.node is not None and pool_id in change.node.pools
+    if now_in:
+        return change
+    if pool_id in pools_before:
+        return Change(change.version, EventType.DELETE, change.node_id, None)
+    return None
+
+
+def _wake(sub: Subscription) -> None:
+    """Make room for the end-of-stream marker so the handler notices the overflow."""
+    while True:
+        try:
+            sub.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+    sub.queue.put_nowait(None)

@@ -1,0 +1,142 @@
+"""Settings: the one place configuration is read, from flags and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "REGISTRY_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the sidecar can be told. Each field maps to ``--flag`` and ``REGISTRY_FLAG``."""
+
+    listen: str = "127.0.0.1:50051"
+    """gRPC listen address; loopback by default so nothing is exposed by accident."""
+    redis_url: str | None = None
+    """Redis to use (redis://, rediss://, unix://). None starts an embedded redis-server."""
+    namespace: str = "reg"
+    """Prefix and hash tag of every key, so several registries can share one Redis."""
+    data_dir: Path = Path(".registry-data")
+    """Where the embedded redis-server keeps its socket and append-only file."""
+    redis_server_bin: str = "redis-server"
+    """Executable for the embedded Redis."""
+    default_ttl_ms: int = 10_000
+    """Liveness TTL for nodes that register without one."""
+    min_ttl_ms: int = 500
+    """Smallest TTL a node may ask for; shorter would turn jitter into churn."""
+    max_ttl_ms: int = 3_600_000
+    """Largest TTL a node may ask for."""
+    offline_grace_ms: int = 60_000
+    """How long an expired node stays visible as OFFLINE before it is removed."""
+    default_lease_ms: int = 60_000
+    """Slot lease for reservations that do not name one."""
+    max_lease_ms: int = 86_400_000
+    """Largest lease a reservation may ask for."""
+    expiry_interval_ms: int = 500
+    """How often the expiry script runs (every sidecar runs it; it is safe to)."""
+    log_maxlen: int = 50_000
+    """Approximate length the change-log stream is capped at."""
+    metrics_epsilon: float = 0.05
+    """A heartbeat's metrics are a material change (logged) when one moves by this much."""
+    redis_timeout_ms: int = 1_000
+    """Socket timeout of every Redis call (the change feed adds its block time)."""
+    feed_block_ms: int = 250
+    """Block time of the change feed's stream reads; bounds staleness while idle."""
+    heartbeat_batch_max: int = 512
+    """Most heartbeats sent to Redis in one script call."""
+    watch_queue_max: int = 4_096
+    """Events a Watch stream may fall behind by before it is ended RESOURCE_EXHAUSTED."""
+    watch_history: int = 10_000
+    """Recent events kept in memory so a resuming Watch needs no snapshot."""
+    watch_bookmark_ms: int = 10_000
+    """Interval of BOOKMARK events on an idle Watch stream."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    shutdown_grace_s: float = 5.0
+    """How long in-flight RPCs get to finish on SIGTERM."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    log_format: str = "text"
+    """``text`` or ``json`` (one object a line)."""
+    extra: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Reserved for options later issues add; ignored today."""
+
+    def __post_init__(self) -> None:
+        if self.default_ttl_ms < self.min_ttl_ms or self.default_ttl_ms > self.max_ttl_ms:
+            raise ValueError("default_ttl_ms must lie within [min_ttl_ms, max_ttl_ms]")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be 'text' or 'json'")
+        for name in (
+            "offline_grace_ms",
+            "default_lease_ms",
+            "expiry_interval_ms",
+            "log_maxlen",
+            "redis_timeout_ms",
+            "feed_block_ms",
+            "heartbeat_batch_max",
+            "watch_queue_max",
+            "watch_history",
+            "watch_bookmark_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        """Interval suggested to nodes: a third of the default TTL, so two may be lost."""
+        return max(self.default_ttl_ms // 3, 100)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(name: str, raw: str) -> object:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind in ("int",):
+        return int(raw)
+    if kind in ("float",):
+        return float(raw)
+    if kind == "Path":
+        return Path(raw)
+    return raw
+
+
+_CONFIGURABLE = [f.name for f in fields(Settings) if f.name != "extra"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare one flag per setting; defaults stay None so the environment can fill in."""
+    for f in fields(Settings):
+        if f.name == "extra":
+            continue
+        parser.add_argument(
+            _flag(f.name), dest=f.name, default=None, help=f"env {ENV_PREFIX}{f.name.upper()}"
+        )
+
+
+def from_sources(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags win over environment variables, which win over defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name in _CONFIGURABLE:
+        raw = getattr(args, name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(ENV_PREFIX + name.upper())
+        if raw is None or raw == "":
+            continue
+        values[name] = _convert(name, str(raw))
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def parse(argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="registry serve")
+    add_arguments(parser)
+    return from_sources(parser.parse_args(argv))

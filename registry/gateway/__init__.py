@@ -1,0 +1,430 @@
+"""The gateway: the only code that speaks Redis.
+
+Writes are Lua scripts (``scripts/*.lua``, each prefixed with ``_lib.lua``) registered once
+with redis-py, which calls them by SHA and reloads them on NOSCRIPT. Reads for the
+replica (preload, reload, change log) are plain pipelined commands. Every call runs with
+the client's socket timeout; nothing here retries blindly: the scripts are retry-safe,
+so a bounded retry on connection errors (redis-py's ``Retry``) is allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from registry.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from registry.gateway.keys import Keys
+from registry.model import (
+    Change,
+    EventType,
+    HeartbeatIn,
+    HeartbeatOutcome,
+    HeartbeatResult,
+    InstalledService,
+    LanguagePair,
+    Metrics,
+    Node,
+    NodeSpec,
+    NodeStatus,
+    Release,
+    Reservation,
+)
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_BATCH = 500
+"""Nodes fetched per pipelined round trip during preload and reload."""
+
+SCRIPT_NAMES = ("register", "heartbeat", "deregister", "drain", "reserve", "release", "expire")
+
+
+def _load_scripts() -> dict[str, str]:
+    folder = resources.files("registry.gateway") / "scripts"
+    lib = (folder / "_lib.lua").read_text()
+    return {name: lib + "\n" + (folder / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def node_from_fields(node_id: str, f: dict[str, str], previous: Node | None = None) -> Node:
+    """Decode a node hash (or a log entry, which carries the same fields)."""
+    spec_json = f.get("spec", "{}")
+    if previous is not None and previous.spec_json == spec_json:
+        address, pools, lang_pairs = previous.address, previous.pools, previous.lang_pairs
+        services, labels, names = previous.services, previous.labels, previous.service_names
+    else:
+        spec = json.loads(spec_json)
+        address = spec.get("address", "")
+        pools = frozenset(spec.get("pools", ()))
+        lang_pairs = frozenset(LanguagePair(s, t) for s, t in spec.get("lang_pairs", ()))
+        services = tuple(InstalledService(n, t, v) for n, t, v in spec.get("services", ()))
+        labels = dict(spec.get("labels", {}))
+        names = frozenset(s.name for s in services)
+    return Node(
+        node_id=node_id,
+        address=address,
+        pools=pools,
+        lang_pairs=lang_pairs,
+        services=services,
+        labels=labels,
+        capacity=int(f.get("capacity", 0)),
+        status=NodeStatus(f.get("status", "ONLINE")),
+        metrics=Metrics(
+            cpu=float(f.get("cpu", 0)),
+            gpu=float(f.get("gpu", 0)),
+            mem=float(f.get("mem", 0)),
+            load=float(f.get("load", 0)),
+            error_rate=float(f.get("err", 0)),
+        ),
+        running_jobs=int(f.get("jobs", 0)),
+        health_score=float(f.get("health", 1)),
+        version=int(f.get("ver", 0)),
+        registered_at=int(float(f.get("reg_at", 0))),
+        last_heartbeat_at=int(float(f.get("hb_at", 0))),
+        ttl_ms=int(f.get("ttl", 0)),
+        spec_json=spec_json,
+        service_names=names,
+    )
+
+
+def change_from_entry(entry_id: Any, raw: dict[Any, Any], previous: Node | None) -> Change:
+    version = int(_text(entry_id).split("-", 1)[0])
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    op = fields.pop("op", "put")
+    node_id = fields.pop("id", "")
+    if op == "del":
+        return Change(version, EventType.DELETE, node_id, None)
+    return Change(version, EventType.PUT, node_id, node_from_fields(node_id, fields, previous))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every node as of ``version`` (read before the nodes, so tailing from it is safe)."""
+
+    version: int
+    nodes: list[Node]
+
+
+@dataclass(frozen=True, slots=True)
+class LogRead:
+    changes: list[Change]
+    first_version: int
+    """Version of the oldest entry still in the log (0 when empty)."""
+
+
+class LatencyWindow:
+    """Recent Redis round trips, for GetStatus percentiles (metrics come later)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def percentile(self, q: float) -> float:
+        if not self._samples:
+            return 0.0
+        ordered = sorted(self._samples)
+        return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+class Gateway:
+    """Redis access for one namespace. Use as ``async with Gateway(...)``."""
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        *,
+        timeout_s: float = 1.0,
+        log_maxlen: int = 50_000,
+        metrics_epsilon: float = 0.05,
+        heartbeat_batch_max: int = 512,
+    ) -> None:
+        self.keys = Keys(namespace)
+        self.url = url
+        self._timeout = timeout_s
+        self._maxlen = log_maxlen
+        self._eps = metrics_epsilon
+        self._batch_max = heartbeat_batch_max
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
+            retry_on_error=[RedisConnectionError],
+            health_check_interval=0,
+            max_connections=64,
+        )
+        self._scripts: dict[str, AsyncScript] = {
+            name: self.redis.register_script(body) for name, body in _load_scripts().items()
+        }
+        self._pending: list[tuple[HeartbeatIn, asyncio.Future[HeartbeatResult]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.latency = LatencyWindow()
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self.redis.aclose()
+
+    def feed_client(self, block_ms: int) -> aioredis.Redis:
+        """A client of its own for blocking stream reads, so they never hold a pool slot
+        that a write is waiting for; its timeout covers the block time."""
+        timeout = self._timeout + block_ms / 1000
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=self._timeout,
+            max_connections=2,
+        )
+        return client
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            result = await self._scripts[name](keys=list(keys), args=list(args))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise Unavailable(f"redis unavailable during {name}: {exc}") from exc
+        except RedisError as exc:
+            raise Unavailable(f"redis error during {name}: {exc}") from exc
+        self.latency.add(time.perf_counter() - start)
+        return result
+
+    # --- setup -----------------------------------------------------------------------
+
+    async def ensure_epoch(self) -> str:
+        """Return this data set's identity, creating it on first use.
+
+        The version counter is also pulled forward to the log's last id: if the counter
+        were ever behind the log (partial restore), XADD with an explicit id would fail.
+        """
+        await self.redis.set(self.keys.epoch, secrets.token_hex(8), nx=True)
+        epoch = _text(await self.redis.get(self.keys.epoch))
+        last = await self.redis.xrevrange(self.keys.log, count=1)
+        if last:
+            log_version = int(_text(last[0][0]).split("-", 1)[0])
+            current = int(_text(await self.redis.get(self.keys.version) or 0))
+            if current < log_version:
+                log.warning(
+                    "version counter %d behind log %d; moving it forward", current, log_version
+                )
+                await self.redis.set(self.keys.version, log_version)
+        return epoch
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+
+    # --- writes ----------------------------------------------------------------------
+
+    async def register(self, spec: NodeSpec, ttl_ms: int) -> tuple[Node, bool]:
+        k = self.keys
+        changed, flat = await self._call(
+            "register",
+            [k.node(spec.node_id), k.jobs(spec.node_id), k.nodes, k.version, k.log, k.expiry],
+            [spec.node_id, spec.to_json(), spec.capacity, ttl_ms, self._maxlen],
+        )
+        return node_from_fields(spec.node_id, _pairs(flat)), bool(changed)
+
+    async def heartbeat(self, hb: HeartbeatIn) -> HeartbeatResult:
+        """Queue a heartbeat; concurrent heartbeats share one script call.
+
+        While one batch is in flight, the next one collects, so the batch size follows
+        the load without adding a timer delay to a lone heartbeat.
+        """
+        future: asyncio.Future[HeartbeatResult] = asyncio.get_running_loop().create_future()
+        self._pending.append((hb, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flush")
+        return await future
+
+    async def _flush_heartbeats(self) -> None:
+        while self._pending:
+            batch = self._pending[: self._batch_max]
+            del self._pending[: self._batch_max]
+            try:
+                results = await self._heartbeat_batch([hb for hb, _ in batch])
+            except Exception as exc:  # every waiter gets the failure
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def _heartbeat_batch(self, beats: Sequence[HeartbeatIn]) -> list[HeartbeatResult]:
+        k = self.keys
+        keys = [k.version, k.log, k.expiry] + [k.node(hb.node_id) for hb in beats]
+        args: list[Any] = [self._maxlen, self._eps]
+        for hb in beats:
+            m = hb.metrics
+            args += [hb.node_id, m.cpu, m.gpu, m.mem, m.load, m.error_rate, hb.health_score]
+        rows = await self._call("heartbeat", keys, args)
+        out = []
+        for outcome, version, status, deadline, changed in rows:
+            text = _text(status)
+            out.append(
+                HeartbeatResult(
+                    outcome=HeartbeatOutcome(int(outcome)),
+                    version=int(version),
+                    status=NodeStatus(text) if text else None,
+                    deadline_ms=int(deadline),
+                    changed=bool(changed),
+                )
+            )
+        return out
+
+    async def deregister(self, node_id: str) -> tuple[bool, int]:
+        k = self.keys
+        existed, version = await self._call(
+            "deregister",
+            [k.node(node_id), k.jobs(node_id), k.nodes, k.version, k.log, k.expiry, k.leases],
+            [node_id, self._maxlen],
+        )
+        return bool(existed), int(version)
+
+    async def drain(self, node_id: str) -> tuple[Node, bool]:
+        k = self.keys
+        outcome, flat = await self._call(
+            "drain", [k.node(node_id), k.version, k.log], [node_id, self._maxlen]
+        )
+        if outcome == 0:
+            raise NotFound(f"node {node_id!r} is not registered")
+        return node_from_fields(node_id, _pairs(flat)), outcome == 1
+
+    async def reserve(self, node_id: str, job_id: str, lease_ms: int) -> Reservation:
+        k = self.keys
+        outcome, deadline, detail = await self._call(
+            "reserve",
+            [k.node(node_id), k.jobs(node_id), k.version, k.log, k.leases],
+            [node_id, job_id, lease_ms, self._maxlen],
+        )
+        if outcome == 0:
+            raise NotFound(f"node {node_id!r} is not registered")
+        if outcome == 3:
+            raise FailedPrecondition(f"node {node_id!r} is {_text(detail)}, not ONLINE")
+        if outcome == 4:
+            raise ResourceExhausted(f"node {node_id!r} has no free slot")
+        node = node_from_fields(node_id, _pairs(detail))
+        return Reservation(node=node, created=outcome == 1, lease_deadline_ms=int(deadline))
+
+    async def release(self, node_id: str, job_id: str) -> Release:
+        k = self.keys
+        released, flat = await self._call(
+            "release",
+            [k.node(node_id), k.jobs(node_id), k.version, k.log, k.leases],
+            [node_id, job_id, self._maxlen],
+        )
+        node = node_from_fields(node_id, _pairs(flat)) if flat else None
+        return Release(released=bool(released), node=node)
+
+    async def expire(self, grace_ms: int, batch: int = 500) -> tuple[int, int, int]:
+        k = self.keys
+        offline, removed, freed = await self._call(
+            "expire",
+            [k.version, k.log, k.expiry, k.leases, k.nodes],
+            [k.prefix, self._maxlen, grace_ms, batch],
+        )
+        return int(offline), int(removed), int(freed)
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def version(self) -> int:
+        try:
+            return int(_text(await self.redis.get(self.keys.version) or 0))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+
+    async def snapshot(self) -> Snapshot:
+        """Read every node in pipelined batches.
+
+        The version is read first: tailing the log from it may replay changes the
+        snapshot already holds, which the replica skips by node version.
+        """
+        try:
+            version = int(_text(await self.redis.get(self.keys.version) or 0))
+            members: set[Any] = await self.redis.smembers(self.keys.nodes)  # type: ignore[misc]
+            ids = sorted(_text(i) for i in members)
+            nodes: list[Node] = []
+            for start in range(0, len(ids), SNAPSHOT_BATCH):
+                chunk = ids[start : start + SNAPSHOT_BATCH]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for node_id in chunk:
+                        pipe.hgetall(self.keys.node(node_id))
+                    rows = await pipe.execute()
+                for node_id, row in zip(chunk, rows, strict=True):
+                    if row:
+                        nodes.append(node_from_fields(node_id, _pairs(_flatten(row))))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable during snapshot: {exc}") from exc
+        return Snapshot(version=version, nodes=nodes)
+
+    async def read_log(
+        self,
+        client: aioredis.Redis,
+        after: int,
+        block_ms: int | None,
+        count: int = 1000,
+        previous: dict[str, Node] | None = None,
+    ) -> LogRead:
+        """Entries with a version above ``after``; blocks up to ``block_ms`` when none."""
+        reply = await client.xread({self.keys.log: f"{after}-0"}, count=count, block=block_ms)
+        changes: list[Change] = []
+        known = previous or {}
+        for _stream, entries in reply or ():
+            for entry_id, raw in entries:
+                fields_id = _text(raw.get(b"id", raw.get("id", b"")))
+                changes.append(change_from_entry(entry_id, raw, known.get(fields_id)))
+        first = 0
+        if changes and changes[0].version != after + 1:
+            info = await client.xinfo_stream(self.keys.log)
+            first_entry = info.get("first-entry") or info.get(b"first-entry")
+            first = int(_text(first_entry[0]).split("-", 1)[0]) if first_entry else 0
+        return LogRead(changes=changes, first_version=first)
+
+    async def read_node(self, node_id: str) -> Node | None:
+        try:
+            row: dict[Any, Any] = await self.redis.hgetall(self.keys.node(node_id))  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+        return node_from_fields(node_id, _pairs(_flatten(row))) if row else None
+
+
+def _flatten(row: dict[Any, Any]) -> list[Any]:
+    out: list[Any] = []
+    for key, value in row.items():
+        out += [key, value]
+    return out

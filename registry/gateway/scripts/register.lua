@@ -1,0 +1,38 @@
+-- register: upsert a node.
+-- KEYS: 1 node hash, 2 jobs hash, 3 node-id set, 4 version, 5 log, 6 expiry zset
+-- ARGV: 1 node_id, 2 spec JSON (canonical), 3 capacity, 4 ttl_ms, 5 log maxlen
+-- Returns: {changed (0|1), flat HGETALL of the node}
+-- A new node starts ONLINE; an OFFLINE node comes back ONLINE; a DRAINING node
+-- stays DRAINING (a drain is an operator's decision, a node restart must not undo it).
+-- Retry-safe: the second run with the same input finds spec, capacity, status and
+-- ttl equal, so it logs nothing and only moves the liveness deadline forward.
+local node_key, jobs_key, ids_key, ver_key, log_key, expiry_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local node_id, spec, capacity, ttl, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now = now_ms()
+local cur = redis.call('HMGET', node_key, 'spec', 'capacity', 'status', 'ttl')
+local changed = 0
+if not cur[1] then
+  redis.call('HSET', node_key, 'spec', spec, 'capacity', capacity, 'status', 'ONLINE',
+    'ttl', ttl, 'reg_at', now, 'hb_at', now, 'cpu', 0, 'gpu', 0, 'mem', 0, 'load', 0,
+    'err', 0, 'health', 1, 'jobs', redis.call('HLEN', jobs_key))
+  redis.call('SADD', ids_key, node_id)
+  changed = 1
+else
+  local status = cur[3]
+  if status == 'OFFLINE' then status = 'ONLINE' end
+  if cur[1] ~= spec or cur[2] ~= capacity or cur[3] ~= status or cur[4] ~= ttl then
+    redis.call('HSET', node_key, 'spec', spec, 'capacity', capacity, 'status', status,
+      'ttl', ttl, 'hb_at', now)
+    redis.call('HDEL', node_key, 'off_at')
+    changed = 1
+  else
+    redis.call('HSET', node_key, 'hb_at', now)
+  end
+end
+redis.call('ZADD', expiry_key, now + tonumber(ttl), node_id)
+if changed == 1 then
+  local _, fields = log_put(ver_key, log_key, maxlen, node_key, node_id)
+  return {1, fields}
+end
+return {0, redis.call('HGETALL', node_key)}

@@ -1,0 +1,184 @@
+"""The sidecar process: gRPC server, health, reflection, background loops, shutdown.
+
+Start order: listen first (health NOT_SERVING, reads answer UNAVAILABLE), preload the
+replica, then report SERVING. Stop order: NOT_SERVING, let RPCs finish within the grace
+period, then stop the loops and close Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from registry.cache import Replica
+from registry.changefeed import ChangeFeed
+from registry.config import Settings
+from registry.embedded_redis import EmbeddedRedis
+from registry.errors import Unavailable
+from registry.gateway import Gateway
+from registry.servicer import RegistryServicer
+from registry_client.v1 import registry_pb2 as pb
+from registry_client.v1 import registry_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
+
+
+class Sidecar:
+    """One running sidecar. ``async with Sidecar(settings) as sc`` serves at ``sc.address``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self._embedded: EmbeddedRedis | None = None
+        self._gateway: Gateway | None = None
+        self._feed: ChangeFeed | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._expiry: asyncio.Task[None] | None = None
+        self.replica = Replica(
+            history=settings.watch_history, watch_queue_max=settings.watch_queue_max
+        )
+        self.servicer: RegistryServicer | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def gateway(self) -> Gateway:
+        assert self._gateway is not None, "sidecar not started"
+        return self._gateway
+
+    async def __aenter__(self) -> Sidecar:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        s = self.settings
+        url = s.redis_url
+        if url is None:
+            self._embedded = EmbeddedRedis(s.data_dir, binary=s.redis_server_bin)
+            await self._embedded.start()
+            url = self._embedded.url
+        self._gateway = Gateway(
+            url,
+            s.namespace,
+            timeout_s=s.redis_timeout_ms / 1000,
+            log_maxlen=s.log_maxlen,
+            metrics_epsilon=s.metrics_epsilon,
+            heartbeat_batch_max=s.heartbeat_batch_max,
+        )
+        epoch = await self._until_redis(self._gateway.ensure_epoch)
+        self._feed = ChangeFeed(self._gateway, self.replica, block_ms=s.feed_block_ms)
+        self.servicer = RegistryServicer(s, self._gateway, self.replica, self._feed, epoch)
+
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_RegistryServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(s.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.listen}")
+        self._server = server
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        log.info("listening on %s (namespace %r, epoch %s)", self.address, s.namespace, epoch)
+
+        await self._until_redis(self._feed.preload)
+        self._feed.start()
+        self._expiry = asyncio.create_task(self._expire_loop(), name="expiry")
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %d nodes at version %d", len(self.replica), self.replica.version)
+
+    async def _until_redis(self, step: object) -> str:
+        """Run a start-up step, waiting for Redis with backoff if it is not up yet."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Unavailable),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
+            before_sleep=lambda st: log.warning(
+                "waiting for Redis: %s", st.outcome.exception() if st.outcome else ""
+            ),
+            reraise=True,
+        ):
+            with attempt:
+                result = await step()  # type: ignore[operator]
+        return result  # type: ignore[no-any-return]
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+
+    async def _expire_loop(self) -> None:
+        """Every sidecar runs the expiry script; it is atomic and idempotent, so they may.
+
+        The period is jittered so sidecars started together do not fire together.
+        """
+        s = self.settings
+        period = s.expiry_interval_ms / 1000
+        failing = False
+        while True:
+            await asyncio.sleep(period * random.uniform(0.8, 1.2))
+            try:
+                offline, removed, freed = await self.gateway.expire(s.offline_grace_ms)
+            except Unavailable as exc:
+                if not failing:
+                    log.warning("expiry paused, Redis unavailable: %s", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("expiry resumed")
+                failing = False
+            if offline or removed or freed:
+                log.info("expiry: %d offline, %d removed, %d leases freed", offline, removed, freed)
+
+    async def aclose(self) -> None:
+        """Graceful stop: NOT_SERVING first, so balancers and probes look elsewhere."""
+        if self._server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._server.stop(self.settings.shutdown_grace_s)
+            self._server = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
+            self._expiry = None
+        if self._feed is not None:
+            await self._feed.aclose()
+            self._feed = None
+        if self._gateway is not None:
+            await self._gateway.aclose()
+            self._gateway = None
+        if self._embedded is not None:
+            await self._embedded.aclose()
+            self._embedded = None

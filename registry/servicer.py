@@ -1,0 +1,427 @@
+"""RegistryService: decode and validate, call the domain, encode. Nothing else.
+
+Errors: the domain raises RegistryError subclasses; ``STATUS`` maps each to a gRPC code
+and ``_mapped`` applies it, once, around every handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from registry import convert, validation
+from registry.cache import Replica
+from registry.changefeed import ChangeFeed
+from registry.config import Settings
+from registry.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RegistryError,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
+from registry.gateway import Gateway
+from registry.health import health_score
+from registry.model import Change, HeartbeatIn, HeartbeatOutcome, HeartbeatResult
+from registry.selection import list_nodes, select
+from registry_client.v1 import registry_pb2 as pb
+from registry_client.v1 import registry_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[RegistryError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Aborted: grpc.StatusCode.ABORTED,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+HEARTBEAT_IN_FLIGHT = 64
+"""Heartbeats of one stream that may await Redis at once (responses keep their order)."""
+
+R = TypeVar("R")
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[..., Awaitable[R]]
+
+
+def status_of(exc: RegistryError) -> grpc.StatusCode:
+    for kind in type(exc).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return grpc.StatusCode.UNKNOWN
+
+
+def _mapped(handler: Handler[R]) -> Handler[R]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: Context) -> R:
+        try:
+            return await handler(self, request, context)
+        except RegistryError as exc:
+            await context.abort(status_of(exc), str(exc))
+            raise  # abort raises; this line is never reached
+
+    return wrapper
+
+
+def _mapped_stream(
+    handler: Callable[..., AsyncIterator[R]],
+) -> Callable[..., AsyncIterator[R]]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[R]:
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except RegistryError as exc:
+            await context.abort(status_of(exc), str(exc))
+
+    return wrapper
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    def __init__(
+        self, settings: Settings, gateway: Gateway, replica: Replica, feed: ChangeFeed, epoch: str
+    ) -> None:
+        self._s = settings
+        self._gateway = gateway
+        self._replica = replica
+        self._feed = feed
+        self._epoch = epoch
+        self._started = time.monotonic()
+        self.heartbeat_streams = 0
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _freshness(self) -> pb.Freshness:
+        r = self._replica
+        return pb.Freshness(
+            version=r.version,
+            staleness_ms=max(r.staleness_ms(), 0),
+            degraded=not self._feed.connected,
+        )
+
+    def _require_ready(self) -> None:
+        if not self._replica.ready:
+            raise Unavailable("the replica is still loading; retry shortly")
+
+    def _token(self, version: int) -> str:
+        return f"{self._epoch}:{version}"
+
+    def _parse_token(self, token: str) -> int | None:
+        """The version a token stands for, or None when it is from another data set."""
+        epoch, _, version = token.rpartition(":")
+        if not epoch or not version.isdigit():
+            raise InvalidArgument("resume_token", "is not a token this service issued")
+        return int(version) if epoch == self._epoch else None
+
+    # --- writes -----------------------------------------------------------------------
+
+    @_mapped
+    async def RegisterNode(
+        self, request: pb.RegisterNodeRequest, context: Context
+    ) -> pb.RegisterNodeResponse:
+        if not request.HasField("node"):
+            raise InvalidArgument("node", "is required")
+        spec = validation.check_spec(convert.spec_from_pb(request.node))
+        s = self._s
+        ttl = validation.check_ttl(
+            "ttl_ms", request.ttl_ms, s.default_ttl_ms, s.min_ttl_ms, s.max_ttl_ms
+        )
+        node, _ = await self._gateway.register(spec, ttl)
+        self._replica.apply_local(node, node.node_id, node.version)
+        return pb.RegisterNodeResponse(node=convert.node_to_pb(node))
+
+    async def Heartbeat(
+        self,
+        request_iterator: AsyncIterator[pb.HeartbeatRequest],
+        context: Context,
+    ) -> AsyncIterator[pb.HeartbeatResponse]:
+        """Reads ahead so one stream can have several heartbeats at Redis; answers in order."""
+        pending: asyncio.Queue[tuple[int, asyncio.Future[HeartbeatResult]] | None] = asyncio.Queue(
+            HEARTBEAT_IN_FLIGHT
+        )
+        failure: list[RegistryError] = []
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    try:
+                        beat = self._decode_heartbeat(req)
+                    except RegistryError as exc:
+                        failure.append(exc)
+                        return
+                    fut = asyncio.ensure_future(self._gateway.heartbeat(beat))
+                    await pending.put((req.seq, fut))
+            finally:
+                await pending.put(None)
+
+        self.heartbeat_streams += 1
+        reader = asyncio.create_task(read(), name="heartbeat-reader")
+        interval = self._s.heartbeat_interval_ms
+        try:
+            while (item := await pending.get()) is not None:
+                seq, fut = item
+                try:
+                    result = await fut
+                except RegistryError as exc:
+                    await context.abort(status_of(exc), str(exc))
+                yield _heartbeat_response(seq, result, interval)
+            if failure:
+                await context.abort(status_of(failure[0]), str(failure[0]))
+        finally:
+            self.heartbeat_streams -= 1
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            while not pending.empty():
+                left = pending.get_nowait()
+                if left is not None:
+                    left[1].cancel()
+
+    def _decode_heartbeat(self, req: pb.HeartbeatRequest) -> HeartbeatIn:
+        validation.check_id("node_id", req.node_id)
+        metrics = validation.check_metrics("metrics", convert.metrics_from_pb(req.metrics))
+        return HeartbeatIn(req.node_id, metrics, health_score(metrics))
+
+    @_mapped
+    async def DeregisterNode(
+        self, request: pb.DeregisterNodeRequest, context: Context
+    ) -> pb.DeregisterNodeResponse:
+        node_id = validation.check_id("node_id", request.node_id)
+        existed, version = await self._gateway.deregister(node_id)
+        if existed:
+            self._replica.apply_local(None, node_id, version)
+        return pb.DeregisterNodeResponse(existed=existed, version=version)
+
+    @_mapped
+    async def DrainNode(
+        self, request: pb.DrainNodeRequest, context: Context
+    ) -> pb.DrainNodeResponse:
+        node_id = validation.check_id("node_id", request.node_id)
+        node, _ = await self._gateway.drain(node_id)
+        self._replica.apply_local(node, node_id, node.version)
+        return pb.DrainNodeResponse(node=convert.node_to_pb(node))
+
+    @_mapped
+    async def ReserveSlot(
+        self, request: pb.ReserveSlotRequest, context: Context
+    ) -> pb.ReserveSlotResponse:
+        node_id = validation.check_id("node_id", request.node_id)
+        job_id = validation.check_id("job_id", request.job_id)
+        s = self._s
+        lease = validation.check_ttl(
+            "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
+        )
+        res = await self._gateway.reserve(node_id, job_id, lease)
+        self._replica.apply_local(res.node, node_id, res.node.version)
+        return pb.ReserveSlotResponse(
+            node=convert.node_to_pb(res.node),
+            created=res.created,
+            lease_deadline_ms=res.lease_deadline_ms,
+        )
+
+    @_mapped
+    async def ReleaseSlot(
+        self, request: pb.ReleaseSlotRequest, context: Context
+    ) -> pb.ReleaseSlotResponse:
+        node_id = validation.check_id("node_id", request.node_id)
+        job_id = validation.check_id("job_id", request.job_id)
+        rel = await self._gateway.release(node_id, job_id)
+        if rel.node is None:
+            return pb.ReleaseSlotResponse(released=rel.released)
+        self._replica.apply_local(rel.node, node_id, rel.node.version)
+        return pb.ReleaseSlotResponse(released=rel.released, node=convert.node_to_pb(rel.node))
+
+    # --- reads ------------------------------------------------------------------------
+
+    @_mapped
+    async def GetNode(self, request: pb.GetNodeRequest, context: Context) -> pb.GetNodeResponse:
+        node_id = validation.check_id("node_id", request.node_id)
+        self._require_ready()
+        node = self._replica.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id!r} is not registered")
+        return pb.GetNodeResponse(node=convert.node_to_pb(node), freshness=self._freshness())
+
+    @_mapped
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: Context
+    ) -> pb.ListNodesResponse:
+        f = convert.filter_from_pb(request)
+        validation.check_optional_id("pool_id", f.pool_id)
+        if f.lang_pair is not None:
+            validation.check_lang_pair("lang_pair", f.lang_pair)
+        validation.check_labels("labels", f.labels)
+        self._require_ready()
+        nodes = list_nodes(self._replica, f)
+        return pb.ListNodesResponse(
+            nodes=[convert.node_to_pb(n) for n in nodes], freshness=self._freshness()
+        )
+
+    @_mapped
+    async def SelectNodes(
+        self, request: pb.SelectNodesRequest, context: Context
+    ) -> pb.SelectNodesResponse:
+        if request.count < 0:
+            raise InvalidArgument("count", "must not be negative")
+        sel = validation.check_selector(convert.selector_from_pb(request))
+        self._require_ready()
+        result = select(self._replica, sel)
+        return pb.SelectNodesResponse(
+            nodes=[convert.node_to_pb(n) for n in result.nodes],
+            breakdown=convert.breakdown_to_pb(result.breakdown),
+            freshness=self._freshness(),
+        )
+
+    @_mapped_stream
+    async def Watch(
+        self, request: pb.WatchRequest, context: Context
+    ) -> AsyncIterator[pb.WatchEvent]:
+        pool_id = validation.check_optional_id("pool_id", request.pool_id)
+        since = self._parse_token(request.resume_token) if request.resume_token else None
+        self._require_ready()
+        replica = self._replica
+        # No await between subscribing and reading the start state: nothing slips between.
+        sub = replica.subscribe(pool_id)
+        try:
+            backlog: list[Change] | None = None
+            if since is not None:
+                backlog = replica.history_after(since, pool_id)
+            if backlog is None:
+                floor = replica.version
+                nodes = list(replica.snapshot(pool_id))
+                for node in nodes:
+                    yield pb.WatchEvent(
+                        type=pb.WATCH_EVENT_TYPE_SNAPSHOT,
+                        node=convert.node_to_pb(node),
+                        node_id=node.node_id,
+                        version=node.version,
+                    )
+                yield pb.WatchEvent(
+                    type=pb.WATCH_EVENT_TYPE_SNAPSHOT_END,
+                    version=floor,
+                    resume_token=self._token(floor),
+                )
+            else:
+                floor = replica.version
+                for change in backlog:
+                    yield convert.change_to_pb(change, self._token(change.version))
+            async for event in self._live(sub, floor, pool_id):
+                yield event
+        finally:
+            replica.unsubscribe(sub)
+
+    async def _live(self, sub: Any, floor: int, pool_id: str) -> AsyncIterator[pb.WatchEvent]:
+        """Queued changes after ``floor``; a BOOKMARK whenever the stream goes quiet."""
+        bookmark_s = self._s.watch_bookmark_ms / 1000
+        untokened = False
+        while True:
+            try:
+                change = await asyncio.wait_for(sub.queue.get(), timeout=bookmark_s)
+            except TimeoutError:
+                change = False
+            if change is None:
+                raise ResourceExhausted("watcher fell too far behind; resume with the last token")
+            if change is False or (untokened and sub.queue.empty()):
+                untokened = False
+                version = self._replica.version
+                yield pb.WatchEvent(
+                    type=pb.WATCH_EVENT_TYPE_BOOKMARK,
+                    version=version,
+                    resume_token=self._token(version),
+                )
+                if change is False:
+                    continue
+            assert isinstance(change, Change)
+            if change.version <= floor:
+                continue
+            # Several changes at one version come from a reload: no token until all are sent.
+            shared = not sub.queue.empty() and _peek_version(sub) == change.version
+            untokened = untokened or shared
+            token = "" if untokened else self._token(change.version)
+            yield convert.change_to_pb(change, token)
+            if untokened and sub.queue.empty():
+                untokened = False
+                yield pb.WatchEvent(
+                    type=pb.WATCH_EVENT_TYPE_BOOKMARK,
+                    version=change.version,
+                    resume_token=self._token(change.version),
+                )
+
+    # --- pools and scheduling: delivered by the scheduling issue ----------------------
+
+    @_mapped
+    async def Schedule(self, request: pb.ScheduleRequest, context: Context) -> pb.ScheduleResponse:
+        raise Unimplemented("Schedule is not implemented yet; use SelectNodes + ReserveSlot")
+
+    @_mapped
+    async def PutPool(self, request: pb.PutPoolRequest, context: Context) -> pb.PutPoolResponse:
+        raise Unimplemented("pools are not implemented yet")
+
+    @_mapped
+    async def GetPool(self, request: pb.GetPoolRequest, context: Context) -> pb.GetPoolResponse:
+        raise Unimplemented("pools are not implemented yet")
+
+    @_mapped
+    async def ListPools(
+        self, request: pb.ListPoolsRequest, context: Context
+    ) -> pb.ListPoolsResponse:
+        raise Unimplemented("pools are not implemented yet")
+
+    @_mapped
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: Context
+    ) -> pb.GetStatusResponse:
+        r = self._replica
+        lat = self._gateway.latency
+        return pb.GetStatusResponse(
+            mode="NORMAL" if self._feed.connected else "LOCAL_ONLY",
+            version=r.version,
+            node_count=len(r),
+            redis_version=self._feed.redis_version,
+            staleness_ms=max(r.staleness_ms(), 0),
+            ready=r.ready,
+            epoch=self._epoch,
+            namespace=self._s.namespace,
+            uptime_ms=int((time.monotonic() - self._started) * 1000),
+            events_applied=r.events_applied,
+            reloads=r.reloads,
+            watchers=r.watchers,
+            heartbeat_streams=self.heartbeat_streams,
+            redis_latency_p50_us=int(lat.percentile(0.5) * 1e6),
+            redis_latency_p99_us=int(lat.percentile(0.99) * 1e6),
+        )
+
+
+def _heartbeat_response(seq: int, result: HeartbeatResult, interval: int) -> pb.HeartbeatResponse:
+    if result.outcome is not HeartbeatOutcome.OK:
+        return pb.HeartbeatResponse(
+            seq=seq,
+            version=result.version,
+            status=convert.status_to_pb(result.status),
+            action=pb.HEARTBEAT_ACTION_REGISTER,
+            interval_ms=interval,
+        )
+    return pb.HeartbeatResponse(
+        seq=seq,
+        version=result.version,
+        status=convert.status_to_pb(result.status),
+        action=pb.HEARTBEAT_ACTION_CONTINUE,
+        deadline_ms=result.deadline_ms,
+        interval_ms=interval,
+    )
+
+
+def _peek_version(sub: Any) -> int:
+    head = sub.queue._queue[0]  # asyncio.Queue keeps its items in a deque
+    return head.version if isinstance(head, Change) else -1

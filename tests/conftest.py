@@ -1,0 +1,105 @@
+"""Fixtures that start real processes: a redis-server per test, or one per session."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.redis_proc import RedisProcess
+
+
+@pytest.fixture
+def redis_proc() -> Iterator[RedisProcess]:
+    """A fresh redis-server this test owns: it may kill, pause or restart it."""
+    proc = RedisProcess()
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture
+def redis_url(redis_proc: RedisProcess) -> str:
+    """URL of this test's own redis-server."""
+    return redis_proc.url
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisProcess]:
+    """One redis-server for the whole session; isolate tests with :func:`namespace`.
+
+    Never kill or pause it: other tests use it. Take ``redis_proc`` for fault tests.
+    """
+    proc = RedisProcess()
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A key namespace no other test uses, so tests can share :func:`shared_redis`."""
+    return "t" + secrets.token_hex(4)
+
+
+# =============================================================================
+# Sidecar fixtures (registry server, gRPC channel, client) — added by the lead.
+# Keep them below this line so the Redis fixtures above stay independent of them.
+# =============================================================================
+
+from collections.abc import AsyncIterator, Awaitable, Callable  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from typing import Any  # noqa: E402
+
+import grpc  # noqa: E402
+
+from registry.config import Settings  # noqa: E402
+from registry.server import Sidecar  # noqa: E402
+from registry_client.v1 import registry_pb2_grpc as pb_grpc  # noqa: E402
+
+SidecarFactory = Callable[..., Awaitable[Sidecar]]
+
+TEST_SETTINGS = Settings(
+    listen="127.0.0.1:0", feed_block_ms=100, expiry_interval_ms=100, shutdown_grace_s=0.5
+)
+"""Short periods so tests see expiry and feed effects quickly."""
+
+
+@pytest.fixture
+async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
+    """Start sidecars with ``await make(redis_url, namespace, **settings)``; all are stopped
+    at the end of the test."""
+    started: list[Sidecar] = []
+
+    async def make(redis_url: str, namespace: str, **overrides: Any) -> Sidecar:
+        settings = replace(TEST_SETTINGS, redis_url=redis_url, namespace=namespace, **overrides)
+        sidecar = Sidecar(settings)
+        started.append(sidecar)
+        await sidecar.start()
+        return sidecar
+
+    try:
+        yield make
+    finally:
+        for sidecar in reversed(started):
+            await sidecar.aclose()
+
+
+@pytest.fixture
+async def sidecar(
+    sidecar_factory: SidecarFactory, shared_redis: RedisProcess, namespace: str
+) -> Sidecar:
+    """One sidecar on the session's Redis, in a namespace of its own."""
+    return await sidecar_factory(shared_redis.url, namespace)
+
+
+@pytest.fixture
+async def stub(sidecar: Sidecar) -> AsyncIterator[pb_grpc.RegistryServiceStub]:
+    """A raw generated stub on a channel to :func:`sidecar`."""
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        yield pb_grpc.RegistryServiceStub(channel)
