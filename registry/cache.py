@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from registry.model import Change, EventType, LanguagePair, Node
@@ -31,7 +31,6 @@ class Subscription:
     pool_id: str
     queue: asyncio.Queue[Change | None]
     overflowed: bool = False
-    closed: bool = field(default=False)
 
 
 class Replica:
@@ -187,8 +186,12 @@ class Replica:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        sub.closed = True
         self._subs.discard(sub)
+
+    def end(self, sub: Subscription) -> None:
+        """Stop feeding a subscription and wake its reader with the end marker."""
+        self._subs.discard(sub)
+        _wake(sub)
 
     @property
     def watchers(self) -> int:

@@ -73,6 +73,7 @@ class ChangeFeed:
         self._replica.replace_all(snap.nodes, snap.version)
         self.redis_version = max(self.redis_version, snap.version)
         self._replica.mark_synced()
+        self.connected = True
 
     async def _run(self) -> None:
         retrying = AsyncRetrying(

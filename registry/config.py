@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 ENV_PREFIX = "REGISTRY_"
@@ -63,8 +63,6 @@ class Settings:
     """Python logging level."""
     log_format: str = "text"
     """``text`` or ``json`` (one object a line)."""
-    extra: Mapping[str, str] = field(default_factory=dict, repr=False)
-    """Reserved for options later issues add; ignored today."""
 
     def __post_init__(self) -> None:
         if self.default_ttl_ms < self.min_ttl_ms or self.default_ttl_ms > self.max_ttl_ms:
@@ -107,14 +105,12 @@ def _convert(name: str, raw: str) -> object:
     return raw
 
 
-_CONFIGURABLE = [f.name for f in fields(Settings) if f.name != "extra"]
+_CONFIGURABLE = [f.name for f in fields(Settings)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare one flag per setting; defaults stay None so the environment can fill in."""
     for f in fields(Settings):
-        if f.name == "extra":
-            continue
         parser.add_argument(
             _flag(f.name), dest=f.name, default=None, help=f"env {ENV_PREFIX}{f.name.upper()}"
         )

@@ -167,6 +167,8 @@ class Sidecar:
         """Graceful stop: NOT_SERVING first, so balancers and probes look elsewhere."""
         if self._server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.servicer is not None:
+                self.servicer.close_streams()
             await self._server.stop(self.settings.shutdown_grace_s)
             self._server = None
         if self._expiry is not None:

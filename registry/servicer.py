@@ -48,6 +48,8 @@ STATUS: dict[type[RegistryError], grpc.StatusCode] = {
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
+SHUTTING_DOWN = "sidecar shutting down; reconnect (resume a watch with its last token)"
+
 HEARTBEAT_IN_FLIGHT = 64
 """Heartbeats of one stream that may await Redis at once (responses keep their order)."""
 
@@ -100,6 +102,15 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self._epoch = epoch
         self._started = time.monotonic()
         self.heartbeat_streams = 0
+        self._closing = False
+        self._closers: set[Callable[[], object]] = set()
+        """One per open stream: ends it so shutdown need not wait out the grace period."""
+
+    def close_streams(self) -> None:
+        """End every open stream with UNAVAILABLE so its client reconnects elsewhere."""
+        self._closing = True
+        for close in list(self._closers):
+            close()
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -168,6 +179,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
         self.heartbeat_streams += 1
         reader = asyncio.create_task(read(), name="heartbeat-reader")
+        self._closers.add(reader.cancel)
         interval = self._s.heartbeat_interval_ms
         try:
             while (item := await pending.get()) is not None:
@@ -179,7 +191,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 yield _heartbeat_response(seq, result, interval)
             if failure:
                 await context.abort(status_of(failure[0]), str(failure[0]))
+            if self._closing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
+            self._closers.discard(reader.cancel)
             self.heartbeat_streams -= 1
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -293,6 +308,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         replica = self._replica
         # No await between subscribing and reading the start state: nothing slips between.
         sub = replica.subscribe(pool_id)
+        close = functools.partial(replica.end, sub)
+        self._closers.add(close)
         try:
             backlog: list[Change] | None = None
             if since is not None:
@@ -319,6 +336,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             async for event in self._live(sub, floor, pool_id):
                 yield event
         finally:
+            self._closers.discard(close)
             replica.unsubscribe(sub)
 
     async def _live(self, sub: Any, floor: int, pool_id: str) -> AsyncIterator[pb.WatchEvent]:
@@ -331,6 +349,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             except TimeoutError:
                 change = False
             if change is None:
+                if self._closing:
+                    raise Unavailable(SHUTTING_DOWN)
                 raise ResourceExhausted("watcher fell too far behind; resume with the last token")
             if change is False or (untokened and sub.queue.empty()):
                 untokened = False

@@ -14,8 +14,8 @@ from tests.support.redis_proc import RedisProcess
 def redis_proc() -> Iterator[RedisProcess]:
     """A fresh redis-server this test owns: it may kill, pause or restart it."""
     proc = RedisProcess()
-    proc.start()
     try:
+        proc.start()
         yield proc
     finally:
         proc.close()
@@ -34,8 +34,8 @@ def shared_redis() -> Iterator[RedisProcess]:
     Never kill or pause it: other tests use it. Take ``redis_proc`` for fault tests.
     """
     proc = RedisProcess()
-    proc.start()
     try:
+        proc.start()
         yield proc
     finally:
         proc.close()

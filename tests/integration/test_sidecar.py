@@ -483,3 +483,26 @@ async def test_redis_calls_time_out(
             redis_proc.resume()
         drained = await stub.DrainNode(pb.DrainNodeRequest(node_id="n1"), timeout=5)
         assert drained.node.status == pb.NODE_STATUS_DRAINING
+
+
+async def test_shutdown_ends_open_streams_without_waiting_out_the_grace(
+    sidecar_factory: SidecarFactory, shared_redis: RedisProcess, namespace: str
+) -> None:
+    sc = await sidecar_factory(shared_redis.url, namespace, shutdown_grace_s=5.0)
+    async with grpc.aio.insecure_channel(sc.address) as channel:
+        stub = Stub(channel)
+        await register(stub)
+        beats = stub.Heartbeat()
+        await beats.write(pb.HeartbeatRequest(node_id="n1", seq=1))
+        assert (await beats.read()).seq == 1
+        watch = stub.Watch(pb.WatchRequest())
+        assert (await watch.read()).type == pb.WATCH_EVENT_TYPE_SNAPSHOT
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await sc.aclose()
+        assert loop.time() - started < 2.0, "open streams must not hold shutdown for the grace"
+        for call in (beats, watch):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE

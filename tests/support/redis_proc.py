@@ -73,6 +73,7 @@ class RedisProcess:
         self._owns_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self._port: int | None = None
+        self._bus_port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ properties
@@ -123,6 +124,8 @@ class RedisProcess:
         for attempt in range(attempts):
             if not fixed_port:
                 self._port = free_port()
+                # Named explicitly: the default (port + 10000) overflows for high ports.
+                self._bus_port = free_port() if self.cluster else None
             try:
                 self._spawn_and_wait()
                 break
@@ -188,7 +191,11 @@ class RedisProcess:
             self.data_dir = None
 
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ fails
+            raise
 
     def __exit__(
         self,
@@ -246,6 +253,7 @@ class RedisProcess:
             argv += [
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self._bus_port),
                 "--cluster-node-timeout", "2000",
             ]  # fmt: skip
         return [*argv, *self.extra_args]

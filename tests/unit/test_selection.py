@@ -306,27 +306,22 @@ PAIRS = (EN_DE, FR_DE, LanguagePair("de", "en"))
 SERVICES = ("mt", "asr", "tts")
 
 
-@st.composite
-def nodes(draw: st.DrawFn) -> list[Node]:
-    count = draw(st.integers(0, 25))
-    out = []
-    for i in range(count):
-        out.append(
-            make_node(
-                f"n{i}",
-                pools=draw(st.sets(st.sampled_from(POOLS))),
-                lang_pairs=draw(st.sets(st.sampled_from(PAIRS))),
-                services=draw(st.sets(st.sampled_from(SERVICES))),
-                labels=draw(
-                    st.dictionaries(st.sampled_from(("zone", "gpu")), st.sampled_from("ab"))
-                ),
-                capacity=draw(st.integers(0, 3)),
-                running_jobs=draw(st.integers(0, 4)),
-                status=draw(st.sampled_from(NodeStatus)),
-                health=draw(st.sampled_from((0.0, 0.3, 0.5, 0.51, 0.9, 1.0))),
-            )
-        )
-    return out
+_node_parts = st.fixed_dictionaries(
+    {
+        "pools": st.sets(st.sampled_from(POOLS)),
+        "lang_pairs": st.sets(st.sampled_from(PAIRS)),
+        "services": st.sets(st.sampled_from(SERVICES)),
+        "labels": st.dictionaries(st.sampled_from(("zone", "gpu")), st.sampled_from("ab")),
+        "capacity": st.integers(0, 3),
+        "running_jobs": st.integers(0, 4),
+        "status": st.sampled_from(NodeStatus),
+        "health": st.sampled_from((0.0, 0.3, 0.5, 0.51, 0.9, 1.0)),
+    }
+)
+# Strategies are built once: building them inside a composite costs more than the test.
+nodes = st.lists(_node_parts, max_size=25).map(
+    lambda parts: [make_node(f"n{i}", **kw) for i, kw in enumerate(parts)]
+)
 
 
 selectors = st.builds(
@@ -364,8 +359,8 @@ def first_failing(node: Node, sel: Selector) -> str:
     return "eligible"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(nodes(), selectors, st.integers(0, 2**32))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nodes, selectors, st.integers(0, 2**32))
 def test_breakdown_matches_the_documented_order(
     population: list[Node], sel: Selector, seed: int
 ) -> None:
@@ -393,8 +388,8 @@ def test_breakdown_matches_the_documented_order(
         assert all(int(score(n) / BAND) <= bands[-1] for n in left_out)
 
 
-@settings(max_examples=150, deadline=None)
-@given(nodes(), st.sampled_from(("", *POOLS)), st.none() | st.sampled_from(PAIRS))
+@settings(max_examples=100, deadline=None)
+@given(nodes, st.sampled_from(("", *POOLS)), st.none() | st.sampled_from(PAIRS))
 def test_list_nodes_matches_a_plain_filter(
     population: list[Node], pool_id: str, pair: LanguagePair | None
 ) -> None:

@@ -189,8 +189,8 @@ class HeartbeatSession:
         def done() -> bool:
             return self.acked >= n or not self.running
 
-        async with self._progress:
-            await asyncio.wait_for(self._progress.wait_for(done), timeout)
+        async with asyncio.timeout(timeout), self._progress:
+            await self._progress.wait_for(done)
         if self.acked < n:
             if self.error is not None:
                 raise self.error

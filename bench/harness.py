@@ -1,0 +1,435 @@
+"""Shared machinery: server and load-generator child processes, /proc figures, tables.
+
+Every process under test (a sidecar or the echo server) and every load generator runs in
+a child of its own, started with ``spawn`` so nothing (event loop, gRPC core state, GIL)
+is shared with the orchestrating parent. Children stop by themselves: a server when the
+parent says so, closes the pipe or its lifetime runs out; a load generator when its job's
+deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import pstats
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from types import TracebackType
+from typing import Any, Self
+
+CTX = mp.get_context("spawn")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+POLL_S = 0.05
+"""How often an idle child looks at its pipe; 20 wake-ups a second cost nothing."""
+
+Result = dict[str, Any]
+LoadTarget = Callable[..., Awaitable[Result]]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence (0 when empty)."""
+    if not ordered:
+        return 0.0
+    rank = min(len(ordered), max(1, math.ceil(q * len(ordered))))
+    return ordered[rank - 1]
+
+
+def latency_summary(samples: Sequence[float]) -> dict[str, float]:
+    """Milliseconds from samples in seconds."""
+    ordered = sorted(samples)
+    mean = sum(ordered) / len(ordered) if ordered else 0.0
+    return {
+        "n": len(ordered),
+        "p50_ms": percentile(ordered, 0.50) * 1e3,
+        "p90_ms": percentile(ordered, 0.90) * 1e3,
+        "p99_ms": percentile(ordered, 0.99) * 1e3,
+        "max_ms": (ordered[-1] if ordered else 0.0) * 1e3,
+        "mean_ms": mean * 1e3,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all threads, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    # Fields after the command name start at field 3 (state); utime is 14, stime 15.
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size (VmRSS) in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class CpuMeter:
+    """CPU cores used by some processes between ``start`` and ``stop``."""
+
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        self._pids = {name: pid for name, pid in pids.items() if pid}
+        self._t0 = 0.0
+        self._cpu0: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._cpu0 = {name: cpu_seconds(pid) for name, pid in self._pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        return {
+            name: round((cpu_seconds(pid) - self._cpu0[name]) / wall, 3)
+            for name, pid in self._pids.items()
+        }
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = 0.0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_gib = int(line.split()[1]) / 1024 / 1024
+                break
+    import grpc
+    import redis
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "redis_py": redis.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def sleep_until(deadline: float) -> Awaitable[None]:
+    return asyncio.sleep(max(deadline - time.monotonic(), 0.0))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in cells:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    kind: str
+    """``echo`` or ``sidecar``."""
+    params: dict[str, Any]
+    lifetime_s: float = 600.0
+    """The child exits by itself after this long, whatever the parent does."""
+
+
+class ServerProcess:
+    """A server under test in a child process: ``with ServerProcess(spec) as srv``."""
+
+    def __init__(self, spec: ServerSpec, *, start_timeout_s: float = 60.0) -> None:
+        self.spec = spec
+        self._timeout = start_timeout_s
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self.address = ""
+        self.start_s = 0.0
+        self.info: Result = {}
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None and self._proc.pid is not None
+        return int(self._proc.pid)
+
+    def __enter__(self) -> Self:
+        parent, child = CTX.Pipe()
+        self._conn = parent
+        self._proc = CTX.Process(
+            target=_server_child, args=(self.spec, child), daemon=True, name=self.spec.kind
+        )
+        self._proc.start()
+        child.close()
+        if not parent.poll(self._timeout):
+            self.close()
+            raise RuntimeError(f"{self.spec.kind} server did not start in {self._timeout}s")
+        msg = parent.recv()
+        if "error" in msg:
+            self.close()
+            raise RuntimeError(f"{self.spec.kind} server failed:\n{msg['error']}")
+        self.address, self.start_s, self.info = msg["address"], msg["start_s"], msg
+        return self
+
+    def command(self, *msg: Any) -> Any:
+        """Send a command (``profile-on``, ``profile-off PATH``) and wait for its answer."""
+        assert self._conn is not None
+        self._conn.send(msg)
+        if not self._conn.poll(60):
+            raise RuntimeError(f"{self.spec.kind} server did not answer {msg[0]}")
+        return self._conn.recv()
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        if self._conn is not None:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self._conn.send(("stop",))
+            self._conn.close()
+            self._conn = None
+        self._proc.join(15)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._proc = None
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _server_child(spec: ServerSpec, conn: Connection) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(_serve(spec, conn))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send({"error": traceback.format_exc()})
+        raise
+
+
+@contextlib.asynccontextmanager
+async def _server(spec: ServerSpec) -> AsyncIterator[str]:
+    if spec.kind == "echo":
+        from bench.echo import serving
+
+        async with serving(spec.params.get("canned", {})) as address:
+            yield address
+    elif spec.kind == "sidecar":
+        from registry.config import Settings
+        from registry.server import Sidecar
+
+        settings = Settings(listen="127.0.0.1:0", **spec.params)
+        async with Sidecar(settings) as sidecar:
+            yield sidecar.address
+    else:
+        raise ValueError(f"unknown server kind {spec.kind!r}")
+
+
+async def _serve(spec: ServerSpec, conn: Connection) -> None:
+    started = time.perf_counter()
+    deadline = time.monotonic() + spec.lifetime_s
+    async with _server(spec) as address:
+        conn.send({"address": address, "start_s": time.perf_counter() - started})
+        profiler: cProfile.Profile | None = None
+        while time.monotonic() < deadline:
+            if not conn.poll():
+                await asyncio.sleep(POLL_S)
+                continue
+            try:
+                msg = conn.recv()
+            except EOFError:
+                break  # the parent went away
+            if msg[0] == "stop":
+                break
+            if msg[0] == "profile-on":
+                profiler = cProfile.Profile()
+                profiler.enable()
+                conn.send("ok")
+            elif msg[0] == "profile-off" and profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(msg[1])
+                profiler = None
+                conn.send("ok")
+            else:
+                conn.send(f"unknown command {msg[0]!r}")
+
+
+def top_functions(path: str, limit: int = 12) -> list[tuple[str, float, float, int]]:
+    """(function, own seconds, cumulative seconds, calls), by own time."""
+    stats = pstats.Stats(path)
+    rows = []
+    for (file, line, name), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{os.path.relpath(file) if file.startswith('/') else file}:{line}({name})"
+        rows.append((where, tt, ct, nc))
+    rows.sort(key=lambda r: r[1], reverse=True)
+    return rows[:limit]
+
+
+# --------------------------------------------------------------------------- load generators
+
+
+class Gate:
+    """A load job's start line: report ready, then wait for the common start time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def ready(self) -> float:
+        self._conn.send("ready")
+        while not self._conn.poll():
+            await asyncio.sleep(0.005)
+        go_at: float = self._conn.recv()
+        return go_at
+
+
+class LoadWorkers:
+    """Load-generator child processes, reused for several jobs (one asyncio loop each)."""
+
+    def __init__(self, count: int = 1) -> None:
+        self._procs: list[Any] = []
+        self._conns: list[Connection] = []
+        for i in range(count):
+            parent, child = CTX.Pipe()
+            proc = CTX.Process(target=_worker_child, args=(child,), daemon=True, name=f"load{i}")
+            proc.start()
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    @property
+    def pids(self) -> list[int]:
+        return [int(p.pid) for p in self._procs]
+
+    def run(
+        self,
+        target: LoadTarget,
+        jobs: Sequence[Mapping[str, Any]],
+        *,
+        timeout_s: float,
+        during: Callable[[float], None] | None = None,
+    ) -> list[Result]:
+        """Run ``target(gate, **job)`` in each worker (one job per worker) at one start time.
+
+        ``during(go_at)`` runs in the parent between the start and the results (to sample
+        the server's CPU over the measured window).
+        """
+        assert len(jobs) <= len(self._conns)
+        conns = self._conns[: len(jobs)]
+        deadline = time.monotonic() + timeout_s
+        for conn, job in zip(conns, jobs, strict=True):
+            conn.send((target, dict(job)))
+        for conn in conns:
+            msg = self._recv(conn, deadline)
+            if msg != "ready":
+                raise RuntimeError(f"load worker failed before start:\n{_error(msg)}")
+        go_at = time.monotonic() + 0.05
+        for conn in conns:
+            conn.send(go_at)
+        if during is not None:
+            during(go_at)
+        results = []
+        for conn in conns:
+            msg = self._recv(conn, deadline)
+            if not isinstance(msg, dict) or "error" in msg:
+                raise RuntimeError(f"load worker failed:\n{_error(msg)}")
+            results.append(msg["ok"])
+        return results
+
+    @staticmethod
+    def _recv(conn: Connection, deadline: float) -> Any:
+        if not conn.poll(max(deadline - time.monotonic(), 0.0)):
+            raise TimeoutError("load worker did not answer in time")
+        return conn.recv()
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(None)
+            conn.close()
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        self._procs.clear()
+        self._conns.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _error(msg: Any) -> str:
+    return str(msg["error"]) if isinstance(msg, dict) and "error" in msg else repr(msg)
+
+
+def _worker_child(conn: Connection) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_worker_main(conn))
+
+
+async def _worker_main(conn: Connection) -> None:
+    idle_limit = time.monotonic() + 600
+    while time.monotonic() < idle_limit:
+        if not conn.poll():
+            await asyncio.sleep(POLL_S)
+            continue
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        target, job = msg
+        try:
+            result = await target(Gate(conn), **job)
+        except Exception:
+            conn.send({"error": traceback.format_exc()})
+        else:
+            conn.send({"ok": result})
+        idle_limit = time.monotonic() + 600
+
+
+def python_command() -> str:
+    return " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]])
+
+
+def chunks(items: Sequence[Any], n: int) -> Iterator[list[Any]]:
+    """Split into ``n`` round-robin shares."""
+    for i in range(n):
+        yield list(items[i::n])
