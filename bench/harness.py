@@ -29,8 +29,8 @@ from typing import Any, Self
 
 CTX = mp.get_context("spawn")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-POLL_S = 0.05
-"""How often an idle child looks at its pipe; 20 wake-ups a second cost nothing."""
+WORKER_IDLE_S = 600.0
+"""A load worker with no job for this long exits by itself."""
 
 Result = dict[str, Any]
 LoadTarget = Callable[..., Awaitable[Result]]
@@ -127,6 +127,23 @@ def machine() -> dict[str, Any]:
 
 def sleep_until(deadline: float) -> Awaitable[None]:
     return asyncio.sleep(max(deadline - time.monotonic(), 0.0))
+
+
+async def readable(conn: Connection, timeout_s: float) -> bool:
+    """Wait without polling until the pipe has a message (or was closed); False on timeout."""
+    if conn.poll():
+        return True
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    loop.add_reader(conn.fileno(), ready.set)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await ready.wait()
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(conn.fileno())
+    return True
 
 
 # --------------------------------------------------------------------------- tables
@@ -259,10 +276,7 @@ async def _serve(spec: ServerSpec, conn: Connection) -> None:
     async with _server(spec) as address:
         conn.send({"address": address, "start_s": time.perf_counter() - started})
         profiler: cProfile.Profile | None = None
-        while time.monotonic() < deadline:
-            if not conn.poll():
-                await asyncio.sleep(POLL_S)
-                continue
+        while await readable(conn, deadline - time.monotonic()):
             try:
                 msg = conn.recv()
             except EOFError:
@@ -304,8 +318,7 @@ class Gate:
 
     async def ready(self) -> float:
         self._conn.send("ready")
-        while not self._conn.poll():
-            await asyncio.sleep(0.005)
+        await readable(self._conn, 60.0)
         go_at: float = self._conn.recv()
         return go_at
 
@@ -404,11 +417,7 @@ def _worker_child(conn: Connection) -> None:
 
 
 async def _worker_main(conn: Connection) -> None:
-    idle_limit = time.monotonic() + 600
-    while time.monotonic() < idle_limit:
-        if not conn.poll():
-            await asyncio.sleep(POLL_S)
-            continue
+    while await readable(conn, WORKER_IDLE_S):
         try:
             msg = conn.recv()
         except EOFError:
@@ -422,7 +431,6 @@ async def _worker_main(conn: Connection) -> None:
             conn.send({"error": traceback.format_exc()})
         else:
             conn.send({"ok": result})
-        idle_limit = time.monotonic() + 600
 
 
 def python_command() -> str:

@@ -52,9 +52,10 @@ class Replica:
         """Changes after this version are all in ``_history`` (resumable)."""
         self._subs: set[Subscription] = set()
         self._queue_max = watch_queue_max
-        self._feed_pools: dict[str, frozenset[str]] = {}
-        """Each node's pools as of the ordered feed alone, unaffected by local writes, so
-        pool watchers learn when a node leaves their pool whichever path came first."""
+        self._told: dict[str, tuple[int, frozenset[str]]] = {}
+        """What watchers were told of each node: (version, pools), from the ordered feed
+        alone. Local writes do not touch it, so a pool watcher learns that a node left its
+        pool, and a relist tells watchers what they missed, whichever path came first."""
         self._tombstones: dict[str, int] = {}
         """Nodes this sidecar deleted ahead of the feed: id -> version of the delete."""
 
@@ -91,13 +92,21 @@ class Replica:
         self.synced_at = time.monotonic()
 
     def apply_local(self, node: Node | None, node_id: str, version: int) -> None:
-        """A write this sidecar made: reflect it now; the feed delivers it again later."""
-        if node is None:
-            if node_id in self.nodes and self.nodes[node_id].version < version:
-                self._remove(node_id)
-                self._tombstones[node_id] = version
+        """A write this sidecar made: reflect it now; the feed delivers it again later.
+
+        Skipped when the feed has passed ``version``: it applies changes in order, so it
+        already holds this change or a later one (applying it now could resurrect a node
+        the feed deleted since).
+        """
+        if version <= self.version:
             return
-        if node_id in self._tombstones and self._tombstones[node_id] >= node.version:
+        if node is None:
+            self._tombstones[node_id] = max(self._tombstones.get(node_id, 0), version)
+            current = self.nodes.get(node_id)
+            if current is not None and current.version < version:
+                self._remove(node_id)
+            return
+        if self._tombstones.get(node_id, 0) >= node.version:
             return
         current = self.nodes.get(node_id)
         if current is None or current.version < node.version:
@@ -108,9 +117,10 @@ class Replica:
         if change.version <= self.version:
             return
         before = self.nodes.get(change.node_id)
-        pools_before = self._feed_pools.pop(change.node_id, frozenset())
+        told = self._told.pop(change.node_id, None)
+        pools_before = told[1] if told is not None else frozenset()
         if change.node is not None:
-            self._feed_pools[change.node_id] = change.node.pools
+            self._told[change.node_id] = (change.version, change.node.pools)
         if change.type is EventType.PUT and change.node is not None:
             dead = self._tombstones.get(change.node_id, 0)
             if (before is None or before.version < change.version) and change.version > dead:
@@ -124,7 +134,9 @@ class Replica:
         self._history.append((change, pools_before))
         if len(self._history) == self._history.maxlen:
             self._history_floor = self._history[0][0].version - 1
-        self._publish(change, pools_before)
+        if told is None or told[0] < change.version:
+            # (A relist may already have told watchers this state; then stay quiet.)
+            self._publish(change, pools_before)
 
     def replace_all(self, nodes: Iterable[Node], version: int) -> None:
         """Swap in a full snapshot (preload, or reload after a gap).
@@ -133,17 +145,17 @@ class Replica:
         history restarts there, so a token from before the reload leads to a snapshot.
         """
         fresh = {n.node_id: n for n in nodes}
-        old_pools = self._feed_pools
+        told = self._told
         changes: list[tuple[Change, frozenset[str]]] = []
-        for node_id in set(self.nodes) | set(old_pools):
+        for node_id, (_, pools) in told.items():
             if node_id not in fresh:
-                gone = Change(version, EventType.DELETE, node_id, None)
-                changes.append((gone, old_pools.get(node_id, frozenset())))
+                changes.append((Change(version, EventType.DELETE, node_id, None), pools))
         for node_id, node in fresh.items():
-            if self.nodes.get(node_id) != node or node_id not in old_pools:
-                put = Change(version, EventType.PUT, node_id, node)
-                changes.append((put, old_pools.get(node_id, frozenset())))
-        self._feed_pools = {n.node_id: n.pools for n in fresh.values()}
+            seen = told.get(node_id)
+            if seen is None or seen[0] != node.version:
+                before = seen[1] if seen is not None else frozenset()
+                changes.append((Change(version, EventType.PUT, node_id, node), before))
+        self._told = {n.node_id: (n.version, n.pools) for n in fresh.values()}
         self.nodes = {}
         self.by_pool = {}
         self.by_lang = {}

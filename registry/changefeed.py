@@ -11,8 +11,6 @@ import asyncio
 import logging
 import time
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from registry.cache import Replica
@@ -31,8 +29,7 @@ class ChangeFeed:
     def __init__(self, gateway: Gateway, replica: Replica, *, block_ms: int = 250) -> None:
         self._gateway = gateway
         self._replica = replica
-        self._block_ms = block_ms
-        self._client: aioredis.Redis = gateway.feed_client(block_ms)
+        self._reader = gateway.log_reader(block_ms)
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.redis_version = 0
@@ -66,7 +63,7 @@ class ChangeFeed:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self._client.aclose()
+        await self._reader.aclose()
 
     async def _reload(self) -> None:
         snap = await self._gateway.snapshot()
@@ -77,7 +74,7 @@ class ChangeFeed:
 
     async def _run(self) -> None:
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type((RedisError, OSError, Unavailable)),
+            retry=retry_if_exception_type(Unavailable),
             wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
             before_sleep=self._on_failure,
             reraise=True,
@@ -94,13 +91,7 @@ class ChangeFeed:
     async def _tail(self) -> None:
         replica = self._replica
         while True:
-            read = await self._gateway.read_log(
-                self._client,
-                replica.version,
-                self._block_ms,
-                count=LOG_BATCH,
-                previous=replica.nodes,
-            )
+            read = await self._reader.read(replica.version, LOG_BATCH, previous=replica.nodes)
             answered = time.monotonic()
             if not self.connected:
                 self.connected = True

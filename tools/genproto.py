@@ -62,8 +62,10 @@ def main() -> int:
         fresh = Path(tmp) / "v1"
         if args.check:
             names = sorted(p.name for p in fresh.iterdir())
-            have = sorted(p.name for p in TARGET.iterdir() if p.is_file()) if TARGET.exists() else []
-            match, mismatch, errors = filecmp.cmpfiles(fresh, TARGET, names, shallow=False)
+            have = (
+                sorted(p.name for p in TARGET.iterdir() if p.is_file()) if TARGET.exists() else []
+            )
+            _match, mismatch, errors = filecmp.cmpfiles(fresh, TARGET, names, shallow=False)
             stale = sorted(set(mismatch) | set(errors) | (set(have) - set(names)))
             if stale:
                 print(f"stale generated stubs in {TARGET.relative_to(ROOT)}: {', '.join(stale)}")

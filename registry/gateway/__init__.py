@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -197,17 +197,16 @@ class Gateway:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self.redis.aclose()
 
-    def feed_client(self, block_ms: int) -> aioredis.Redis:
-        """A client of its own for blocking stream reads, so they never hold a pool slot
-        that a write is waiting for; its timeout covers the block time."""
-        timeout = self._timeout + block_ms / 1000
+    def log_reader(self, block_ms: int) -> LogReader:
+        """A reader of the change log on a connection of its own, so blocking reads never
+        hold a pool slot that a write is waiting for; its timeout covers the block time."""
         client: aioredis.Redis = aioredis.Redis.from_url(
             self.url,
-            socket_timeout=timeout,
+            socket_timeout=self._timeout + block_ms / 1000,
             socket_connect_timeout=self._timeout,
             max_connections=2,
         )
-        return client
+        return LogReader(client, self.keys, block_ms)
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         start = time.perf_counter()
@@ -392,35 +391,50 @@ class Gateway:
             raise Unavailable(f"redis unavailable during snapshot: {exc}") from exc
         return Snapshot(version=version, nodes=nodes)
 
-    async def read_log(
-        self,
-        client: aioredis.Redis,
-        after: int,
-        block_ms: int | None,
-        count: int = 1000,
-        previous: dict[str, Node] | None = None,
-    ) -> LogRead:
-        """Entries with a version above ``after``; blocks up to ``block_ms`` when none."""
-        reply = await client.xread({self.keys.log: f"{after}-0"}, count=count, block=block_ms)
-        changes: list[Change] = []
-        known = previous or {}
-        for _stream, entries in reply or ():
-            for entry_id, raw in entries:
-                fields_id = _text(raw.get(b"id", raw.get("id", b"")))
-                changes.append(change_from_entry(entry_id, raw, known.get(fields_id)))
-        first = 0
-        if changes and changes[0].version != after + 1:
-            info = await client.xinfo_stream(self.keys.log)
-            first_entry = info.get("first-entry") or info.get(b"first-entry")
-            first = int(_text(first_entry[0]).split("-", 1)[0]) if first_entry else 0
-        return LogRead(changes=changes, first_version=first)
-
     async def read_node(self, node_id: str) -> Node | None:
         try:
             row: dict[Any, Any] = await self.redis.hgetall(self.keys.node(node_id))  # type: ignore[misc]
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis unavailable: {exc}") from exc
         return node_from_fields(node_id, _pairs(_flatten(row))) if row else None
+
+
+class LogReader:
+    """Tails the change log: entries after a version, blocking while there are none."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, block_ms: int) -> None:
+        self._client = client
+        self._keys = keys
+        self._block_ms = block_ms
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def read(
+        self, after: int, count: int, previous: Mapping[str, Node] | None = None
+    ) -> LogRead:
+        """Entries with a version above ``after``; blocks up to the block time when none.
+
+        ``previous`` lets unchanged node specs be reused instead of parsed again.
+        """
+        try:
+            reply = await self._client.xread(
+                {self._keys.log: f"{after}-0"}, count=count, block=self._block_ms
+            )
+            changes: list[Change] = []
+            known = previous or {}
+            for _stream, entries in reply or ():
+                for entry_id, raw in entries:
+                    node_id = _text(raw.get(b"id", b""))
+                    changes.append(change_from_entry(entry_id, raw, known.get(node_id)))
+            first = 0
+            if changes and changes[0].version != after + 1:
+                info = await self._client.xinfo_stream(self._keys.log)
+                first_entry = info.get("first-entry")
+                first = int(_text(first_entry[0]).split("-", 1)[0]) if first_entry else 0
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable while reading the change log: {exc}") from exc
+        return LogRead(changes=changes, first_version=first)
 
 
 def _flatten(row: dict[Any, Any]) -> list[Any]:

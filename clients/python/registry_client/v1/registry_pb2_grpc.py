@@ -204,6 +204,9 @@ class RegistryServiceServicer:
     def Watch(self, request, context):
         """Watch streams changes after resume_token; with an empty or too old token
         it first sends a snapshot (SNAPSHOT events, then SNAPSHOT_END).
+        Each stream message is one event, so the message is named WatchEvent
+        (a name fixed by the contract) rather than WatchResponse.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

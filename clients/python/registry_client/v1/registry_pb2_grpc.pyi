@@ -446,6 +446,9 @@ class RegistryServiceStub(typing.Generic[_RegistryServiceRegisterNodeType, _Regi
     Watch: _RegistryServiceWatchType
     """Watch streams changes after resume_token; with an empty or too old token
     it first sends a snapshot (SNAPSHOT events, then SNAPSHOT_END).
+    Each stream message is one event, so the message is named WatchEvent
+    (a name fixed by the contract) rather than WatchResponse.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
 
     PutPool: _RegistryServicePutPoolType
@@ -627,6 +630,9 @@ class RegistryServiceServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[collections.abc.Iterator[registry_client.v1.registry_pb2.WatchEvent], collections.abc.AsyncIterator[registry_client.v1.registry_pb2.WatchEvent]]:
         """Watch streams changes after resume_token; with an empty or too old token
         it first sends a snapshot (SNAPSHOT events, then SNAPSHOT_END).
+        Each stream message is one event, so the message is named WatchEvent
+        (a name fixed by the contract) rather than WatchResponse.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
     @abc.abstractmethod

@@ -1,0 +1,113 @@
+"""``python -m bench [heartbeat|select|all] [--quick] [--json PATH]`` (or ``make bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench import harness
+from bench import heartbeat as hb
+from bench import select as sel
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("which", nargs="?", default="all", choices=["heartbeat", "select", "all"])
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds per phase")
+    p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
+    p.add_argument("--duration", type=float, help="seconds per measured phase (overrides)")
+    p.add_argument("--streams", type=int, help="heartbeat streams (default 200)")
+    p.add_argument("--window", type=int, help="heartbeats in flight per stream (default 8)")
+    p.add_argument("--channels", type=int, help="client connections for the streams (8)")
+    p.add_argument("--material", type=float, help="fraction of material heartbeats (0.05)")
+    p.add_argument("--nodes", type=int, help="fleet size for select (default 10000)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="cProfile the sidecar during its load phases, write .prof files to DIR and print "
+        "the top functions (slows the sidecar: its figures are then not comparable)",
+    )
+    return p.parse_args(argv)
+
+
+def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan]:
+    hp, sp = hb.Plan(), sel.Plan()
+    if args.quick:
+        hp = dataclasses.replace(hp, warmup_s=0.5, duration_s=3.0, single_duration_s=2.0)
+        sp = dataclasses.replace(sp, calls=500, inproc_budget_s=1.0, warmup_s=0.3, duration_s=1.5)
+    if args.duration is not None:
+        d = args.duration
+        hp = dataclasses.replace(hp, warmup_s=min(hp.warmup_s, d / 2), duration_s=d,
+                                 single_duration_s=d)  # fmt: skip
+        sp = dataclasses.replace(sp, warmup_s=min(sp.warmup_s, d / 2), duration_s=d,
+                                 inproc_budget_s=d)  # fmt: skip
+    hp = dataclasses.replace(
+        hp,
+        streams=args.streams or hp.streams,
+        window=args.window or hp.window,
+        channels=args.channels or hp.channels,
+        material=hp.material if args.material is None else args.material,
+    )
+    sp = dataclasses.replace(sp, nodes=args.nodes or sp.nodes)
+    return hp, sp
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    hp, sp = plans(args)
+    profile_dir = args.profile
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
+        profile_dir = os.path.abspath(profile_dir)
+    out: dict[str, Any] = {
+        "command": harness.python_command(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": harness.machine(),
+    }
+    m = out["machine"]
+    print(
+        f"machine: {m['nproc']} cpu ({m['cpu_model']}), {m['mem_gib']} GiB, Python {m['python']}, "
+        f"grpcio {m['grpcio']}\n",
+        flush=True,
+    )
+    started = time.monotonic()
+    if args.which in ("heartbeat", "all"):
+        out["heartbeat"] = hb.run(hp, profile_dir=profile_dir)
+        print(hb.report(out["heartbeat"]), flush=True)
+        _print_profile(out["heartbeat"])
+    if args.which in ("select", "all"):
+        out["select"] = sel.run(sp, profile_dir=profile_dir)
+        print(sel.report(out["select"]), flush=True)
+        _print_profile(out["select"])
+    out["elapsed_s"] = round(time.monotonic() - started, 1)
+    print(f"done in {out['elapsed_s']} s")
+    if args.json:
+        _write_json(args.json, out)
+    return 0
+
+
+def _print_profile(result: dict[str, Any]) -> None:
+    path = result.get("profile")
+    if not path:
+        return
+    rows = [[f, own, cum, calls] for f, own, cum, calls in harness.top_functions(path, 15)]
+    print(harness.table(f"sidecar profile {path} (by own time)",
+                        ["function", "own s", "cum s", "calls"], rows))  # fmt: skip
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

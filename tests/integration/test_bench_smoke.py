@@ -1,0 +1,55 @@
+"""The benchmarks still run: ``python -m bench all --quick`` with tiny durations and sizes.
+
+Only that they run and report positive figures under the documented JSON keys; the
+figures themselves mean nothing at this size (see docs/benchmarks.md for real ones).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        sys.executable, "-m", "bench", "all", "--quick", "--duration", "0.3",
+        "--streams", "8", "--nodes", "300", "--json", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Heartbeat throughput" in proc.stdout
+    assert "SelectNodes end to end" in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert data["machine"]["nproc"] >= 1
+
+    hb = data["heartbeat"]
+    for run in ("echo", "sidecar", "echo_single", "sidecar_single", "sidecar_latency"):
+        assert hb[run]["rate"] > 0, run
+        assert hb[run]["latency"]["p99_ms"] > 0, run
+    assert hb["sidecar"]["register_actions"] == 0
+    assert hb["ratio"] > 0
+    assert set(hb["targets"]) == {"throughput_ratio>=0.70", "p99_at_half_rate<5ms"}
+    assert hb["rss_mb"]["sidecar"] > 0
+
+    sel = data["select"]
+    assert sel["preload"]["register_per_s"] > 0
+    assert sel["preload"]["sidecar_start_s"] > 0
+    for name, row in sel["in_process"].items():
+        assert row["select"]["p99_ms"] > 0, name
+        assert row["handler"]["p99_ms"] > 0, name
+    assert set(sel["sidecar"]) == set(sel["echo"]) == set(sel["ratio"])
+    for key, row in sel["sidecar"].items():
+        assert row["calls_per_s"] > 0, key
+        assert sel["echo"][key]["calls_per_s"] > 0, key
+    assert sel["rss_mb"]["sidecar_loaded"] > 0
+    assert set(sel["targets"]) == {"in_process_p99<1ms", "end_to_end_p99<5ms", "rss<100MB"}
