@@ -1,4 +1,4 @@
-"""The local replica: every node, indexed by pool and language pair.
+"""The local replica: every node and pool, with a columnar index for selection.
 
 The asyncio loop is the only writer and every method here is synchronous, so a reader
 never sees a half-applied change and never takes a lock. Changes arrive from two places:
@@ -17,11 +17,9 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
-from registry.model import Change, EventType, LanguagePair, Node
-
-K = TypeVar("K")
+from registry.index import NodeIndex, lang_key, pool_key
+from registry.model import Change, EventType, LanguagePair, Node, Pool
 
 
 @dataclass(eq=False)
@@ -38,8 +36,9 @@ class Replica:
 
     def __init__(self, *, history: int = 10_000, watch_queue_max: int = 4_096) -> None:
         self.nodes: dict[str, Node] = {}
-        self.by_pool: dict[str, set[str]] = {}
-        self.by_lang: dict[LanguagePair, set[str]] = {}
+        self.pools: dict[str, Pool] = {}
+        self.index = NodeIndex()
+        """Selection columns and membership masks (pool, language pair, service, label)."""
         self.version = 0
         """Highest log version applied in order; every change up to it is reflected."""
         self.synced_at = 0.0
@@ -73,18 +72,21 @@ class Replica:
         return int((time.monotonic() - self.synced_at) * 1000)
 
     def candidates(self, pool_id: str, lang_pair: LanguagePair | None) -> Iterable[Node]:
-        """Nodes matching pool and language pair, through the smaller index."""
-        sets: list[set[str]] = []
-        if pool_id:
-            sets.append(self.by_pool.get(pool_id, set()))
-        if lang_pair is not None:
-            sets.append(self.by_lang.get(lang_pair, set()))
-        if not sets:
+        """Nodes declaring the pool and serving the language pair (either may be empty)."""
+        if not pool_id and lang_pair is None:
             return self.nodes.values()
-        sets.sort(key=len)
-        ids = sets[0] if len(sets) == 1 else sets[0].intersection(*sets[1:])
-        nodes = self.nodes
-        return [nodes[i] for i in ids]
+        idx = self.index
+        mask = idx.used()
+        if pool_id:
+            mask = mask & idx.mask(pool_key(pool_id))
+        if lang_pair is not None:
+            mask = mask & idx.mask(lang_key(lang_pair))
+        ids, nodes = idx.ids, self.nodes
+        return [nodes[ids[slot]] for slot in mask.nonzero()[0]]
+
+    def knows_pool(self, pool_id: str) -> bool:
+        """Configured by PutPool, or declared by at least one node."""
+        return pool_id in self.pools or self.index.has(pool_key(pool_id))
 
     # --- writes (event loop only) -----------------------------------------------------
 
@@ -112,9 +114,22 @@ class Replica:
         if current is None or current.version < node.version:
             self._store(node)
 
+    def apply_local_pool(self, pool: Pool) -> None:
+        """A PutPool this sidecar made (same ordering rule as ``apply_local``)."""
+        current = self.pools.get(pool.pool_id)
+        if pool.version > self.version and (current is None or current.version < pool.version):
+            self.pools[pool.pool_id] = pool
+
     def apply(self, change: Change) -> None:
         """Apply the next logged change (versions strictly increasing)."""
         if change.version <= self.version:
+            return
+        if change.type is EventType.POOL:
+            current = self.pools.get(change.node_id)
+            if change.pool is not None and (current is None or current.version < change.version):
+                self.pools[change.node_id] = change.pool
+            self.version = change.version
+            self.events_applied += 1
             return
         before = self.nodes.get(change.node_id)
         told = self._told.pop(change.node_id, None)
@@ -138,7 +153,7 @@ class Replica:
             # (A relist may already have told watchers this state; then stay quiet.)
             self._publish(change, pools_before)
 
-    def replace_all(self, nodes: Iterable[Node], version: int) -> None:
+    def replace_all(self, nodes: Iterable[Node], version: int, pools: Iterable[Pool] = ()) -> None:
         """Swap in a full snapshot (preload, or reload after a gap).
 
         Watchers get the difference as PUT/DELETE changes at the snapshot's version; the
@@ -147,9 +162,9 @@ class Replica:
         fresh = {n.node_id: n for n in nodes}
         told = self._told
         changes: list[tuple[Change, frozenset[str]]] = []
-        for node_id, (_, pools) in told.items():
+        for node_id, (_, was_in) in told.items():
             if node_id not in fresh:
-                changes.append((Change(version, EventType.DELETE, node_id, None), pools))
+                changes.append((Change(version, EventType.DELETE, node_id, None), was_in))
         for node_id, node in fresh.items():
             seen = told.get(node_id)
             if seen is None or seen[0] != node.version:
@@ -157,10 +172,10 @@ class Replica:
                 changes.append((Change(version, EventType.PUT, node_id, node), before))
         self._told = {n.node_id: (n.version, n.pools) for n in fresh.values()}
         self.nodes = {}
-        self.by_pool = {}
-        self.by_lang = {}
+        self.index.clear()
         for node in fresh.values():
             self._store(node)
+        self.pools = {p.pool_id: p for p in pools}
         self._tombstones.clear()
         self.version = version
         self._history.clear()
@@ -170,25 +185,12 @@ class Replica:
             self._publish(change, pools_before)
 
     def _store(self, node: Node) -> None:
-        old = self.nodes.get(node.node_id)
-        if old is not None and (old.pools != node.pools or old.lang_pairs != node.lang_pairs):
-            self._unindex(old)
-            old = None
         self.nodes[node.node_id] = node
-        if old is None:
-            for pool in node.pools:
-                self.by_pool.setdefault(pool, set()).add(node.node_id)
-            for pair in node.lang_pairs:
-                self.by_lang.setdefault(pair, set()).add(node.node_id)
+        self.index.put(node)
 
     def _remove(self, node_id: str) -> None:
-        old = self.nodes.pop(node_id, None)
-        if old is not None:
-            self._unindex(old)
-
-    def _unindex(self, node: Node) -> None:
-        _drop(self.by_pool, node.pools, node.node_id)
-        _drop(self.by_lang, node.lang_pairs, node.node_id)
+        if self.nodes.pop(node_id, None) is not None:
+            self.index.remove(node_id)
 
     # --- watch ------------------------------------------------------------------------
 
@@ -225,7 +227,7 @@ class Replica:
     def snapshot(self, pool_id: str = "") -> Iterator[Node]:
         if not pool_id:
             return iter(list(self.nodes.values()))
-        return iter([self.nodes[i] for i in sorted(self.by_pool.get(pool_id, ()))])
+        return iter(sorted(self.candidates(pool_id, None), key=lambda n: n.node_id))
 
     def _publish(self, change: Change, pools_before: frozenset[str]) -> None:
         for sub in list(self._subs):
@@ -238,15 +240,6 @@ class Replica:
                 sub.overflowed = True
                 self._subs.discard(sub)
                 _wake(sub)
-
-
-def _drop(index: dict[K, set[str]], keys: Iterable[K], node_id: str) -> None:
-    for key in keys:
-        members = index.get(key)
-        if members is not None:
-            members.discard(node_id)
-            if not members:
-                del index[key]
 
 
 def for_pool(change: Change, pools_before: frozenset[str], pool_id: str) -> Change | None:

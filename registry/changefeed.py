@@ -67,7 +67,7 @@ class ChangeFeed:
 
     async def _reload(self) -> None:
         snap = await self._gateway.snapshot()
-        self._replica.replace_all(snap.nodes, snap.version)
+        self._replica.replace_all(snap.nodes, snap.version, snap.pools)
         self.redis_version = max(self.redis_version, snap.version)
         self._replica.mark_synced()
         self.connected = True

@@ -8,7 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from registry.model import SelectionWeights
+
 ENV_PREFIX = "REGISTRY_"
+HEALTH_WEIGHT_NAMES = ("cpu", "gpu", "mem", "load", "heartbeat_delay", "error_rate")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,14 @@ class Settings:
     """How often the expiry script runs (every sidecar runs it; it is safe to)."""
     log_maxlen: int = 50_000
     """Approximate length the change-log stream is capped at."""
+    health_weights: str = "cpu=0.2,gpu=0.15,mem=0.15,load=0.15,heartbeat_delay=0.1,error_rate=0.25"
+    """Default relative health weights (pools may override); see docs/scheduling.md."""
+    free_capacity_weight: float = 1.0
+    """Default exponent of free slots in a candidate's draw weight (0: ignore free slots)."""
+    reconcile_grace_ms: int = 10_000
+    """A reservation younger than this survives a heartbeat whose job list lacks it."""
+    schedule_attempts: int = 8
+    """Most reservations one Schedule call tries before answering RESOURCE_EXHAUSTED."""
     metrics_epsilon: float = 0.05
     """A heartbeat's metrics are a material change (logged) when one moves by this much."""
     redis_timeout_ms: int = 1_000
@@ -69,6 +80,7 @@ class Settings:
             raise ValueError("default_ttl_ms must lie within [min_ttl_ms, max_ttl_ms]")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        self.weights()  # raises ValueError on a malformed health_weights
         for name in (
             "offline_grace_ms",
             "default_lease_ms",
@@ -80,9 +92,28 @@ class Settings:
             "watch_queue_max",
             "watch_history",
             "watch_bookmark_ms",
+            "schedule_attempts",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.reconcile_grace_ms < 0 or not 0 <= self.free_capacity_weight <= 10:
+            raise ValueError("reconcile_grace_ms must be >= 0, free_capacity_weight in [0, 10]")
+
+    def weights(self) -> SelectionWeights:
+        """The default selection weights from ``health_weights`` and ``free_capacity_weight``."""
+        values: dict[str, float] = {}
+        for item in self.health_weights.split(","):
+            name, sep, raw = item.partition("=")
+            name = name.strip()
+            if not sep or name not in HEALTH_WEIGHT_NAMES:
+                raise ValueError(
+                    f"health_weights: expected name=value pairs of {HEALTH_WEIGHT_NAMES}"
+                )
+            value = float(raw)
+            if not 0 <= value <= 1000:
+                raise ValueError(f"health_weights: {name} must be within [0, 1000]")
+            values[name] = value
+        return SelectionWeights(**values, free_capacity=self.free_capacity_weight)
 
     @property
     def heartbeat_interval_ms(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from registry.errors import InvalidArgument
 from registry.model import (
+    Breakdown,
     Change,
     EventType,
     InstalledService,
@@ -17,9 +18,10 @@ from registry.model import (
     NodeFilter,
     NodeSpec,
     NodeStatus,
+    Pool,
+    SelectionWeights,
     Selector,
 )
-from registry.selection import Breakdown
 from registry_client.v1 import registry_pb2 as pb
 
 _STATUS_TO_PB = {
@@ -84,7 +86,12 @@ def node_to_pb(node: Node) -> pb.Node:
         capacity=node.capacity,
         status=status_to_pb(node.status),
         metrics=pb.NodeMetrics(
-            cpu=m.cpu, gpu=m.gpu, mem=m.mem, load=m.load, error_rate=m.error_rate
+            cpu=m.cpu,
+            gpu=m.gpu,
+            mem=m.mem,
+            load=m.load,
+            error_rate=m.error_rate,
+            heartbeat_delay=m.heartbeat_delay,
         ),
         running_jobs=node.running_jobs,
         health_score=node.health_score,
@@ -147,3 +154,57 @@ def change_to_pb(change: Change, token: str) -> pb.WatchEvent:
         version=change.version,
         resume_token=token,
     )
+
+
+def _pairs_to_pb(pairs: frozenset[LanguagePair]) -> list[pb.LanguagePair]:
+    return [
+        pb.LanguagePair(src=p.src, tgt=p.tgt) for p in sorted(pairs, key=lambda p: (p.src, p.tgt))
+    ]
+
+
+def weights_from_pb(msg: pb.SelectionWeights) -> SelectionWeights:
+    return SelectionWeights(
+        cpu=msg.cpu,
+        gpu=msg.gpu,
+        mem=msg.mem,
+        load=msg.load,
+        heartbeat_delay=msg.heartbeat_delay,
+        error_rate=msg.error_rate,
+        free_capacity=msg.free_capacity,
+    )
+
+
+def pool_from_pb(msg: pb.Pool) -> Pool:
+    return Pool(
+        pool_id=msg.pool_id,
+        lang_pairs=frozenset(LanguagePair(p.src, p.tgt) for p in msg.lang_pairs),
+        required_services=tuple(msg.required_services),
+        labels=dict(msg.labels),
+        min_health=msg.min_health,
+        weights=weights_from_pb(msg.weights) if msg.HasField("weights") else None,
+    )
+
+
+def pool_to_pb(pool: Pool) -> pb.Pool:
+    msg = pb.Pool(
+        pool_id=pool.pool_id,
+        lang_pairs=_pairs_to_pb(pool.lang_pairs),
+        required_services=sorted(pool.required_services),
+        labels=pool.labels,
+        min_health=pool.min_health,
+        version=pool.version,
+    )
+    if pool.weights is not None:
+        w = pool.weights
+        msg.weights.CopyFrom(
+            pb.SelectionWeights(
+                cpu=w.cpu,
+                gpu=w.gpu,
+                mem=w.mem,
+                load=w.load,
+                heartbeat_delay=w.heartbeat_delay,
+                error_rate=w.error_rate,
+                free_capacity=w.free_capacity,
+            )
+        )
+    return msg

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from registry.model import Breakdown
+
 
 class RegistryError(Exception):
     """Root of every error the domain raises on purpose."""
@@ -25,6 +27,19 @@ class FailedPrecondition(RegistryError):
 
 class ResourceExhausted(RegistryError):
     """No free slot, or a stream fell too far behind."""
+
+    def __init__(self, message: str, breakdown: Breakdown | None = None) -> None:
+        super().__init__(message)
+        self.breakdown = breakdown
+        """For a failed Schedule: the selection's Breakdown, sent as a status detail."""
+
+
+class AlreadyExists(RegistryError):
+    """The job already holds a slot on another node."""
+
+    def __init__(self, message: str, node_id: str) -> None:
+        super().__init__(message)
+        self.node_id = node_id
 
 
 class Unavailable(RegistryError):

@@ -36,6 +36,8 @@ class Metrics:
     mem: float = 0.0
     load: float = 0.0
     error_rate: float = 0.0
+    heartbeat_delay: float = 0.0
+    """Computed by the registry: lateness of the last heartbeat, a fraction of its interval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,8 @@ class Node:
 class HeartbeatIn:
     node_id: str
     metrics: Metrics
-    health_score: float
+    running_job_ids: tuple[str, ...] | None = None
+    """The jobs the node runs now, for reconciliation; None when it did not report."""
 
 
 class HeartbeatOutcome(enum.Enum):
@@ -113,6 +116,8 @@ class HeartbeatResult:
     status: NodeStatus | None = None
     deadline_ms: int = 0
     changed: bool = False
+    ttl_ms: int = 0
+    released_job_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,34 @@ class Reservation:
     node: Node
     created: bool
     lease_deadline_ms: int
+
+
+@dataclass(slots=True)
+class Breakdown:
+    """Why a selection excluded nodes: each node counted once, under the first reason.
+
+    Order: wrong_pool, wrong_lang_pair, excluded_id, offline, draining, missing_service,
+    labels, low_health, full; ``considered`` is every node, so the fields add up to it.
+    """
+
+    considered: int = 0
+    wrong_pool: int = 0
+    wrong_lang_pair: int = 0
+    excluded_id: int = 0
+    offline: int = 0
+    draining: int = 0
+    missing_service: int = 0
+    labels: int = 0
+    low_health: int = 0
+    full: int = 0
+    eligible: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    reservation: Reservation
+    attempts: int
+    breakdown: Breakdown
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +164,8 @@ class Release:
 class EventType(enum.Enum):
     PUT = "put"
     DELETE = "del"
+    POOL = "pool"
+    """A pool's configuration changed; not a node event, so watchers never see it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +175,82 @@ class Change:
     version: int
     type: EventType
     node_id: str
+    """The node's id, or the pool's for a POOL change."""
     node: Node | None
+    pool: Pool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionWeights:
+    """Relative health weights, and how strongly free capacity draws jobs.
+
+    A node's health is 1 minus the weighted mean of its six load figures; a candidate is
+    drawn with probability proportional to ``health * free_slots ** free_capacity``.
+    """
+
+    cpu: float = 0.2
+    gpu: float = 0.15
+    mem: float = 0.15
+    load: float = 0.15
+    heartbeat_delay: float = 0.1
+    error_rate: float = 0.25
+    free_capacity: float = 1.0
+
+    def health_vector(self) -> tuple[float, float, float, float, float, float]:
+        """In the order of the metric columns: cpu, gpu, mem, load, delay, error rate."""
+        return (self.cpu, self.gpu, self.mem, self.load, self.heartbeat_delay, self.error_rate)
+
+
+DEFAULT_WEIGHTS = SelectionWeights()
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A pool's configuration. Members are the nodes that declare the pool."""
+
+    pool_id: str
+    lang_pairs: frozenset[LanguagePair] = frozenset()
+    required_services: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    min_health: float = 0.0
+    weights: SelectionWeights | None = None
+    """None: the sidecar's default weights."""
+    version: int = 0
+
+    def to_json(self) -> str:
+        """Canonical JSON of the configuration (version excluded), compared by put_pool."""
+        doc = {
+            "lang_pairs": sorted({(p.src, p.tgt) for p in self.lang_pairs}),
+            "required_services": sorted(set(self.required_services)),
+            "labels": dict(sorted(self.labels.items())),
+            "min_health": self.min_health,
+            "weights": None
+            if self.weights is None
+            else {
+                "cpu": self.weights.cpu,
+                "gpu": self.weights.gpu,
+                "mem": self.weights.mem,
+                "load": self.weights.load,
+                "heartbeat_delay": self.weights.heartbeat_delay,
+                "error_rate": self.weights.error_rate,
+                "free_capacity": self.weights.free_capacity,
+            },
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, pool_id: str, text: str, version: int) -> Pool:
+        doc = json.loads(text)
+        weights = doc.get("weights")
+        return cls(
+            pool_id=pool_id,
+            lang_pairs=frozenset(LanguagePair(s, t) for s, t in doc.get("lang_pairs", ())),
+            required_services=tuple(doc.get("required_services", ())),
+            labels=dict(doc.get("labels", {})),
+            min_health=float(doc.get("min_health", 0.0)),
+            weights=None if weights is None else SelectionWeights(**weights),
+            version=version,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,8 @@ class Sidecar:
             log_maxlen=s.log_maxlen,
             metrics_epsilon=s.metrics_epsilon,
             heartbeat_batch_max=s.heartbeat_batch_max,
+            weights=s.weights(),
+            reconcile_grace_ms=s.reconcile_grace_ms,
         )
         epoch = await self._until_redis(self._gateway.ensure_epoch)
         self._feed = ChangeFeed(self._gateway, self.replica, block_ms=s.feed_block_ms)

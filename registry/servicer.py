@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 
 from registry import convert, validation
 from registry.cache import Replica
@@ -21,6 +24,7 @@ from registry.changefeed import ChangeFeed
 from registry.config import Settings
 from registry.errors import (
     Aborted,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -30,8 +34,8 @@ from registry.errors import (
     Unimplemented,
 )
 from registry.gateway import Gateway
-from registry.health import health_score
 from registry.model import Change, HeartbeatIn, HeartbeatOutcome, HeartbeatResult
+from registry.scheduler import schedule
 from registry.selection import list_nodes, select
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
@@ -45,6 +49,7 @@ STATUS: dict[type[RegistryError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Aborted: grpc.StatusCode.ABORTED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
@@ -71,7 +76,7 @@ def _mapped(handler: Handler[R]) -> Handler[R]:
         try:
             return await handler(self, request, context)
         except RegistryError as exc:
-            await context.abort(status_of(exc), str(exc))
+            await _abort(context, exc)
             raise  # abort raises; this line is never reached
 
     return wrapper
@@ -96,6 +101,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, settings: Settings, gateway: Gateway, replica: Replica, feed: ChangeFeed, epoch: str
     ) -> None:
         self._s = settings
+        self._weights = settings.weights()
         self._gateway = gateway
         self._replica = replica
         self._feed = feed
@@ -180,7 +186,6 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self.heartbeat_streams += 1
         reader = asyncio.create_task(read(), name="heartbeat-reader")
         self._closers.add(reader.cancel)
-        interval = self._s.heartbeat_interval_ms
         try:
             while (item := await pending.get()) is not None:
                 seq, fut = item
@@ -188,7 +193,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     result = await fut
                 except RegistryError as exc:
                     await context.abort(status_of(exc), str(exc))
-                yield _heartbeat_response(seq, result, interval)
+                yield _heartbeat_response(seq, result, self._s.heartbeat_interval_ms)
             if failure:
                 await context.abort(status_of(failure[0]), str(failure[0]))
             if self._closing:
@@ -206,7 +211,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     def _decode_heartbeat(self, req: pb.HeartbeatRequest) -> HeartbeatIn:
         validation.check_id("node_id", req.node_id)
         metrics = validation.check_metrics("metrics", convert.metrics_from_pb(req.metrics))
-        return HeartbeatIn(req.node_id, metrics, health_score(metrics))
+        if req.report_jobs:
+            jobs = validation.check_job_ids("running_job_ids", req.running_job_ids)
+            return HeartbeatIn(req.node_id, metrics, jobs)
+        if req.running_job_ids:
+            raise InvalidArgument("report_jobs", "must be true when running_job_ids is set")
+        return HeartbeatIn(req.node_id, metrics)
 
     @_mapped
     async def DeregisterNode(
@@ -291,7 +301,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             raise InvalidArgument("count", "must not be negative")
         sel = validation.check_selector(convert.selector_from_pb(request))
         self._require_ready()
-        result = select(self._replica, sel)
+        result = select(self._replica, sel, defaults=self._weights)
         return pb.SelectNodesResponse(
             nodes=[convert.node_to_pb(n) for n in result.nodes],
             breakdown=convert.breakdown_to_pb(result.breakdown),
@@ -378,25 +388,63 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     resume_token=self._token(change.version),
                 )
 
-    # --- pools and scheduling: delivered by the scheduling issue ----------------------
+    # --- scheduling and pools --------------------------------------------------------
 
     @_mapped
     async def Schedule(self, request: pb.ScheduleRequest, context: Context) -> pb.ScheduleResponse:
-        raise Unimplemented("Schedule is not implemented yet; use SelectNodes + ReserveSlot")
+        if request.selector.count < 0:
+            raise InvalidArgument("selector.count", "must not be negative")
+        sel = validation.check_selector(convert.selector_from_pb(request.selector), "selector")
+        job_id = validation.check_id("job_id", request.job_id)
+        s = self._s
+        lease = validation.check_ttl(
+            "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
+        )
+        self._require_ready()
+        done = await schedule(
+            self._gateway,
+            self._replica,
+            sel,
+            job_id,
+            lease,
+            attempts=s.schedule_attempts,
+            weights=self._weights,
+        )
+        node = done.reservation.node
+        self._replica.apply_local(node, node.node_id, node.version)
+        return pb.ScheduleResponse(
+            node=convert.node_to_pb(node),
+            breakdown=convert.breakdown_to_pb(done.breakdown),
+            lease_deadline_ms=done.reservation.lease_deadline_ms,
+            attempts=done.attempts,
+            created=done.reservation.created,
+        )
 
     @_mapped
     async def PutPool(self, request: pb.PutPoolRequest, context: Context) -> pb.PutPoolResponse:
-        raise Unimplemented("pools are not implemented yet")
+        if not request.HasField("pool"):
+            raise InvalidArgument("pool", "is required")
+        pool = validation.check_pool(convert.pool_from_pb(request.pool))
+        stored, _ = await self._gateway.put_pool(pool)
+        self._replica.apply_local_pool(stored)
+        return pb.PutPoolResponse(pool=convert.pool_to_pb(stored))
 
     @_mapped
     async def GetPool(self, request: pb.GetPoolRequest, context: Context) -> pb.GetPoolResponse:
-        raise Unimplemented("pools are not implemented yet")
+        pool_id = validation.check_id("pool_id", request.pool_id)
+        self._require_ready()
+        pool = self._replica.pools.get(pool_id)
+        if pool is None:
+            raise NotFound(f"pool {pool_id!r} is not configured")
+        return pb.GetPoolResponse(pool=convert.pool_to_pb(pool))
 
     @_mapped
     async def ListPools(
         self, request: pb.ListPoolsRequest, context: Context
     ) -> pb.ListPoolsResponse:
-        raise Unimplemented("pools are not implemented yet")
+        self._require_ready()
+        pools = sorted(self._replica.pools.values(), key=lambda p: p.pool_id)
+        return pb.ListPoolsResponse(pools=[convert.pool_to_pb(p) for p in pools])
 
     @_mapped
     async def GetStatus(
@@ -420,10 +468,30 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             heartbeat_streams=self.heartbeat_streams,
             redis_latency_p50_us=int(lat.percentile(0.5) * 1e6),
             redis_latency_p99_us=int(lat.percentile(0.99) * 1e6),
+            pool_count=len(r.pools),
         )
 
 
-def _heartbeat_response(seq: int, result: HeartbeatResult, interval: int) -> pb.HeartbeatResponse:
+async def _abort(context: Context, exc: RegistryError) -> None:
+    """End the call with the error's status; a failed Schedule also carries its
+    SelectionBreakdown as a google.rpc.Status detail, so callers see why."""
+    code = status_of(exc)
+    breakdown = getattr(exc, "breakdown", None)
+    if breakdown is None:
+        await context.abort(code, str(exc))
+    detail = any_pb2.Any()
+    detail.Pack(convert.breakdown_to_pb(breakdown))
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(exc), details=[detail])
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _heartbeat_response(
+    seq: int, result: HeartbeatResult, default_interval: int
+) -> pb.HeartbeatResponse:
+    """The suggested interval is a third of the node's own TTL, so two may be lost."""
+    interval = result.ttl_ms // 3 if result.ttl_ms else default_interval
     if result.outcome is not HeartbeatOutcome.OK:
         return pb.HeartbeatResponse(
             seq=seq,
@@ -439,6 +507,7 @@ def _heartbeat_response(seq: int, result: HeartbeatResult, interval: int) -> pb.
         action=pb.HEARTBEAT_ACTION_CONTINUE,
         deadline_ms=result.deadline_ms,
         interval_ms=interval,
+        released_job_ids=result.released_job_ids,
     )
 
 

@@ -7,7 +7,15 @@ import re
 from collections.abc import Iterable, Mapping
 
 from registry.errors import InvalidArgument
-from registry.model import InstalledService, LanguagePair, Metrics, NodeSpec, Selector
+from registry.model import (
+    InstalledService,
+    LanguagePair,
+    Metrics,
+    NodeSpec,
+    Pool,
+    SelectionWeights,
+    Selector,
+)
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 """Ids become parts of Redis keys: no braces (hash tags), colons (separators) or spaces."""
@@ -22,6 +30,7 @@ MAX_LABEL_VALUE = 256
 MAX_SERVICE_FIELD = 128
 MAX_CAPACITY = 1_000_000
 MAX_SELECT_COUNT = 1_000
+MAX_REPORTED_JOBS = 10_000
 
 
 def check_id(field: str, value: str) -> str:
@@ -132,3 +141,44 @@ def check_selector(sel: Selector, field: str = "") -> Selector:
         check_id(f"{prefix}exclude_node_ids[{i}]", node_id)
     check_fraction(f"{prefix}min_health", sel.min_health)
     return sel
+
+
+MAX_WEIGHT = 1000.0
+MAX_FREE_CAPACITY_WEIGHT = 10.0
+
+
+def check_weights(field: str, w: SelectionWeights) -> SelectionWeights:
+    for name in ("cpu", "gpu", "mem", "load", "heartbeat_delay", "error_rate"):
+        value = getattr(w, name)
+        if math.isnan(value) or not 0.0 <= value <= MAX_WEIGHT:
+            raise InvalidArgument(f"{field}.{name}", f"must be within [0, {MAX_WEIGHT:g}]")
+    if math.isnan(w.free_capacity) or not 0.0 <= w.free_capacity <= MAX_FREE_CAPACITY_WEIGHT:
+        raise InvalidArgument(
+            f"{field}.free_capacity", f"must be within [0, {MAX_FREE_CAPACITY_WEIGHT:g}]"
+        )
+    return w
+
+
+def check_pool(pool: Pool, field: str = "pool") -> Pool:
+    check_id(f"{field}.pool_id", pool.pool_id)
+    _check_count(f"{field}.lang_pairs", pool.lang_pairs)
+    for i, pair in enumerate(sorted(pool.lang_pairs, key=lambda p: (p.src, p.tgt))):
+        check_lang_pair(f"{field}.lang_pairs[{i}]", pair)
+    _check_count(f"{field}.required_services", pool.required_services)
+    for i, name in enumerate(pool.required_services):
+        if not name or len(name) > MAX_SERVICE_FIELD:
+            raise InvalidArgument(f"{field}.required_services[{i}]", "must be 1-128 characters")
+    check_labels(f"{field}.labels", pool.labels)
+    check_fraction(f"{field}.min_health", pool.min_health)
+    if pool.weights is not None:
+        check_weights(f"{field}.weights", pool.weights)
+    return pool
+
+
+def check_job_ids(field: str, job_ids: Iterable[str]) -> tuple[str, ...]:
+    ids = tuple(job_ids)
+    if len(ids) > MAX_REPORTED_JOBS:
+        raise InvalidArgument(field, f"at most {MAX_REPORTED_JOBS} entries")
+    for i, job_id in enumerate(ids):
+        check_id(f"{field}[{i}]", job_id)
+    return ids

@@ -28,9 +28,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from registry.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from registry.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from registry.gateway.keys import Keys
 from registry.model import (
+    DEFAULT_WEIGHTS,
     Change,
     EventType,
     HeartbeatIn,
@@ -42,8 +49,10 @@ from registry.model import (
     Node,
     NodeSpec,
     NodeStatus,
+    Pool,
     Release,
     Reservation,
+    SelectionWeights,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +60,16 @@ log = logging.getLogger(__name__)
 SNAPSHOT_BATCH = 500
 """Nodes fetched per pipelined round trip during preload and reload."""
 
-SCRIPT_NAMES = ("register", "heartbeat", "deregister", "drain", "reserve", "release", "expire")
+SCRIPT_NAMES = (
+    "register",
+    "heartbeat",
+    "deregister",
+    "drain",
+    "reserve",
+    "release",
+    "expire",
+    "put_pool",
+)
 
 
 def _load_scripts() -> dict[str, str]:
@@ -97,6 +115,7 @@ def node_from_fields(node_id: str, f: dict[str, str], previous: Node | None = No
             mem=float(f.get("mem", 0)),
             load=float(f.get("load", 0)),
             error_rate=float(f.get("err", 0)),
+            heartbeat_delay=float(f.get("delay", 0)),
         ),
         running_jobs=int(f.get("jobs", 0)),
         health_score=float(f.get("health", 1)),
@@ -116,6 +135,9 @@ def change_from_entry(entry_id: Any, raw: dict[Any, Any], previous: Node | None)
     node_id = fields.pop("id", "")
     if op == "del":
         return Change(version, EventType.DELETE, node_id, None)
+    if op == "pool":
+        pool = Pool.from_json(node_id, fields.get("spec", "{}"), version)
+        return Change(version, EventType.POOL, node_id, None, pool)
     return Change(version, EventType.PUT, node_id, node_from_fields(node_id, fields, previous))
 
 
@@ -125,6 +147,7 @@ class Snapshot:
 
     version: int
     nodes: list[Node]
+    pools: list[Pool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +185,8 @@ class Gateway:
         log_maxlen: int = 50_000,
         metrics_epsilon: float = 0.05,
         heartbeat_batch_max: int = 512,
+        weights: SelectionWeights = DEFAULT_WEIGHTS,
+        reconcile_grace_ms: int = 10_000,
     ) -> None:
         self.keys = Keys(namespace)
         self.url = url
@@ -169,6 +194,8 @@ class Gateway:
         self._maxlen = log_maxlen
         self._eps = metrics_epsilon
         self._batch_max = heartbeat_batch_max
+        self._weights = weights.health_vector()
+        self._grace = reconcile_grace_ms
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -286,14 +313,16 @@ class Gateway:
 
     async def _heartbeat_batch(self, beats: Sequence[HeartbeatIn]) -> list[HeartbeatResult]:
         k = self.keys
-        keys = [k.version, k.log, k.expiry] + [k.node(hb.node_id) for hb in beats]
-        args: list[Any] = [self._maxlen, self._eps]
+        keys = [k.version, k.log, k.expiry, k.leases, k.jobnode]
+        args: list[Any] = [self._maxlen, self._eps, *self._weights, self._grace]
         for hb in beats:
+            keys += [k.node(hb.node_id), k.jobs(hb.node_id)]
             m = hb.metrics
-            args += [hb.node_id, m.cpu, m.gpu, m.mem, m.load, m.error_rate, hb.health_score]
+            jobs = "-" if hb.running_job_ids is None else "+" + ",".join(hb.running_job_ids)
+            args += [hb.node_id, m.cpu, m.gpu, m.mem, m.load, m.error_rate, jobs]
         rows = await self._call("heartbeat", keys, args)
         out = []
-        for outcome, version, status, deadline, changed in rows:
+        for outcome, version, status, deadline, changed, ttl, released in rows:
             text = _text(status)
             out.append(
                 HeartbeatResult(
@@ -302,6 +331,8 @@ class Gateway:
                     status=NodeStatus(text) if text else None,
                     deadline_ms=int(deadline),
                     changed=bool(changed),
+                    ttl_ms=int(ttl),
+                    released_job_ids=tuple(_text(j) for j in released),
                 )
             )
         return out
@@ -310,7 +341,16 @@ class Gateway:
         k = self.keys
         existed, version = await self._call(
             "deregister",
-            [k.node(node_id), k.jobs(node_id), k.nodes, k.version, k.log, k.expiry, k.leases],
+            [
+                k.node(node_id),
+                k.jobs(node_id),
+                k.nodes,
+                k.version,
+                k.log,
+                k.expiry,
+                k.leases,
+                k.jobnode,
+            ],
             [node_id, self._maxlen],
         )
         return bool(existed), int(version)
@@ -328,7 +368,7 @@ class Gateway:
         k = self.keys
         outcome, deadline, detail = await self._call(
             "reserve",
-            [k.node(node_id), k.jobs(node_id), k.version, k.log, k.leases],
+            [k.node(node_id), k.jobs(node_id), k.version, k.log, k.leases, k.jobnode],
             [node_id, job_id, lease_ms, self._maxlen],
         )
         if outcome == 0:
@@ -337,6 +377,9 @@ class Gateway:
             raise FailedPrecondition(f"node {node_id!r} is {_text(detail)}, not ONLINE")
         if outcome == 4:
             raise ResourceExhausted(f"node {node_id!r} has no free slot")
+        if outcome == 5:
+            holder = _text(detail)
+            raise AlreadyExists(f"job {job_id!r} already holds a slot on node {holder!r}", holder)
         node = node_from_fields(node_id, _pairs(detail))
         return Reservation(node=node, created=outcome == 1, lease_deadline_ms=int(deadline))
 
@@ -344,7 +387,7 @@ class Gateway:
         k = self.keys
         released, flat = await self._call(
             "release",
-            [k.node(node_id), k.jobs(node_id), k.version, k.log, k.leases],
+            [k.node(node_id), k.jobs(node_id), k.version, k.log, k.leases, k.jobnode],
             [node_id, job_id, self._maxlen],
         )
         node = node_from_fields(node_id, _pairs(flat)) if flat else None
@@ -354,10 +397,20 @@ class Gateway:
         k = self.keys
         offline, removed, freed = await self._call(
             "expire",
-            [k.version, k.log, k.expiry, k.leases, k.nodes],
+            [k.version, k.log, k.expiry, k.leases, k.nodes, k.jobnode],
             [k.prefix, self._maxlen, grace_ms, batch],
         )
         return int(offline), int(removed), int(freed)
+
+    async def put_pool(self, pool: Pool) -> tuple[Pool, bool]:
+        k = self.keys
+        changed, flat = await self._call(
+            "put_pool",
+            [k.pool(pool.pool_id), k.pools, k.version, k.log],
+            [pool.pool_id, pool.to_json(), self._maxlen],
+        )
+        f = _pairs(flat)
+        return Pool.from_json(pool.pool_id, f["spec"], int(f["ver"])), bool(changed)
 
     # --- reads -----------------------------------------------------------------------
 
@@ -387,9 +440,32 @@ class Gateway:
                 for node_id, row in zip(chunk, rows, strict=True):
                     if row:
                         nodes.append(node_from_fields(node_id, _pairs(_flatten(row))))
+            pools = await self._read_pools()
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis unavailable during snapshot: {exc}") from exc
-        return Snapshot(version=version, nodes=nodes)
+        return Snapshot(version=version, nodes=nodes, pools=pools)
+
+    async def _read_pools(self) -> list[Pool]:
+        members: set[Any] = await self.redis.smembers(self.keys.pools)  # type: ignore[misc]
+        ids = sorted(_text(i) for i in members)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool_id in ids:
+                pipe.hgetall(self.keys.pool(pool_id))
+            rows = await pipe.execute()
+        pools = []
+        for pool_id, row in zip(ids, rows, strict=True):
+            f = _pairs(_flatten(row))
+            if "spec" in f:
+                pools.append(Pool.from_json(pool_id, f["spec"], int(f.get("ver", 0))))
+        return pools
+
+    async def job_holder(self, job_id: str) -> str | None:
+        """The node whose slot the job holds, if any."""
+        try:
+            holder = await self.redis.hget(self.keys.jobnode, job_id)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+        return None if holder is None else _text(holder)
 
     async def read_node(self, node_id: str) -> Node | None:
         try:

@@ -53,6 +53,20 @@ class Keys:
         """Identity of this data set; a new one means Redis lost the registry."""
         return self.prefix + "epoch"
 
+    @property
+    def pools(self) -> str:
+        """Set of every configured pool id."""
+        return self.prefix + "pools"
+
+    @property
+    def jobnode(self) -> str:
+        """Hash of job id -> the node holding its slot: a job holds one slot at most."""
+        return self.prefix + "jobnode"
+
+    def pool(self, pool_id: str) -> str:
+        """Hash with a pool's canonical spec JSON and version."""
+        return f"{self.prefix}pool:{pool_id}"
+
     def node(self, node_id: str) -> str:
         return f"{self.prefix}node:{node_id}"
 

@@ -20,6 +20,8 @@ from registry.model import (
     Metrics,
     NodeSpec,
     NodeStatus,
+    Pool,
+    SelectionWeights,
 )
 from tests.support.redis_proc import RedisProcess
 
@@ -36,7 +38,7 @@ SPEC = NodeSpec(
 
 @pytest.fixture
 async def gateway(shared_redis: RedisProcess, namespace: str) -> AsyncIterator[Gateway]:
-    async with Gateway(shared_redis.url, namespace) as gw:
+    async with Gateway(shared_redis.url, namespace, reconcile_grace_ms=0) as gw:
         await gw.ensure_epoch()
         yield gw
 
@@ -69,7 +71,18 @@ Op = Callable[[Gateway], Awaitable[object]]
 
 OPS: dict[str, Op] = {
     "register": lambda g: g.register(SPEC, 10_000),
-    "heartbeat": lambda g: g.heartbeat(HeartbeatIn("n1", Metrics(cpu=0.7), 0.8)),
+    "heartbeat": lambda g: g.heartbeat(HeartbeatIn("n1", Metrics(cpu=0.7))),
+    "heartbeat_reconcile": lambda g: g.heartbeat(HeartbeatIn("n1", Metrics(), ("other",))),
+    "put_pool": lambda g: g.put_pool(
+        Pool(
+            "p1",
+            frozenset({LanguagePair("en", "de")}),
+            ("mt",),
+            {"zone": "a"},
+            0.3,
+            SelectionWeights(cpu=1.0),
+        )
+    ),
     "reserve": lambda g: g.reserve("n1", "j1", 60_000),
     "release": lambda g: g.release("n1", "j0"),
     "drain": lambda g: g.drain("n1"),
@@ -96,7 +109,7 @@ async def test_versions_and_log_ids_stay_contiguous(
     gateway: Gateway, shared_redis: RedisProcess, namespace: str
 ) -> None:
     await gateway.register(SPEC, 10_000)
-    await gateway.heartbeat(HeartbeatIn("n1", Metrics(cpu=0.5), 0.9))
+    await gateway.heartbeat(HeartbeatIn("n1", Metrics(cpu=0.5)))
     await gateway.reserve("n1", "j1", 60_000)
     await gateway.release("n1", "j1")
     await gateway.drain("n1")
@@ -126,7 +139,7 @@ async def test_heartbeats_share_one_script_call(gateway: Gateway) -> None:
         await gateway.register(spec, 10_000)
     before = len(gateway.latency._samples)
     results = await asyncio.gather(
-        *(gateway.heartbeat(HeartbeatIn(s.node_id, Metrics(), 1.0)) for s in specs)
+        *(gateway.heartbeat(HeartbeatIn(s.node_id, Metrics())) for s in specs)
     )
     assert all(r.outcome.value == 1 for r in results)
     assert len(gateway.latency._samples) - before <= 2, "50 concurrent heartbeats, few calls"

@@ -439,18 +439,6 @@ async def test_health_and_reflection(sidecar: Sidecar) -> None:
         assert "registry.v1.RegistryService" in names
 
 
-async def test_unimplemented_rpcs_say_so(stub: Stub) -> None:
-    for call, req in (
-        (stub.Schedule, pb.ScheduleRequest()),
-        (stub.PutPool, pb.PutPoolRequest()),
-        (stub.GetPool, pb.GetPoolRequest()),
-        (stub.ListPools, pb.ListPoolsRequest()),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call(req)  # type: ignore[operator]
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 async def test_status_reports_the_replica(stub: Stub, namespace: str) -> None:
     await register(stub)
     status = await stub.GetStatus(pb.GetStatusRequest())

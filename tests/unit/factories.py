@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
+import numpy as np
+
 from registry.cache import Replica
+from registry.index import EMPTY, METRIC_COLUMNS, STATUS_CODE, Key, NodeIndex, memberships
 from registry.model import (
     Change,
     EventType,
@@ -20,6 +23,8 @@ from registry.model import (
     Node,
     NodeSpec,
     NodeStatus,
+    Pool,
+    SelectionWeights,
 )
 
 EPOCH_MS = 1_700_000_000_000
@@ -93,9 +98,71 @@ def delete(node_id: str, version: int) -> Change:
     return Change(version, EventType.DELETE, node_id, None)
 
 
-def replica_of(*nodes: Node, version: int | None = None) -> Replica:
-    """A replica holding exactly ``nodes``, loaded as a snapshot."""
+def make_pool(
+    pool_id: str = "p1",
+    *,
+    lang_pairs: Iterable[tuple[str, str] | LanguagePair] = (),
+    required_services: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    min_health: float = 0.0,
+    weights: SelectionWeights | None = None,
+    version: int = 0,
+) -> Pool:
+    return Pool(
+        pool_id=pool_id,
+        lang_pairs=frozenset(
+            p if isinstance(p, LanguagePair) else LanguagePair(*p) for p in lang_pairs
+        ),
+        required_services=tuple(required_services),
+        labels=dict(labels or {}),
+        min_health=min_health,
+        weights=weights,
+        version=version,
+    )
+
+
+def put_pool(pool: Pool, version: int | None = None) -> Change:
+    """The log entry that stored ``pool``; its version is the pool's unless given."""
+    if version is not None and version != pool.version:
+        pool = dataclasses.replace(pool, version=version)
+    return Change(pool.version, EventType.POOL, pool.pool_id, None, pool)
+
+
+def replica_of(*nodes: Node, version: int | None = None, pools: Iterable[Pool] = ()) -> Replica:
+    """A replica holding exactly ``nodes`` (and ``pools``), loaded as a snapshot."""
     replica = Replica()
     top = max((n.version for n in nodes), default=0)
-    replica.replace_all(nodes, top if version is None else version)
+    replica.replace_all(nodes, top if version is None else version, pools)
     return replica
+
+
+def index_members(idx: NodeIndex, key: Key) -> set[str]:
+    """Node ids whose slot is set in the key's mask."""
+    return {idx.ids[slot] for slot in np.flatnonzero(idx.mask(key))}  # type: ignore[arg-type]
+
+
+def assert_index_matches(idx: NodeIndex, nodes: Mapping[str, Node]) -> None:
+    """Every column and mask says exactly what the nodes say."""
+    assert len(idx) == len(nodes)
+    assert {i for i in idx.ids if i} == set(nodes)
+    assert int(np.count_nonzero(idx.used())) == len(nodes)
+    assert len(idx.used()) == idx.size <= len(idx.status)
+    expected: dict[Key, set[str]] = {}
+    for node_id, node in nodes.items():
+        slot = idx.slot(node_id)
+        assert slot is not None
+        assert idx.ids[slot] == node_id
+        assert idx.status[slot] == STATUS_CODE[node.status]
+        assert idx.health[slot] == node.health_score
+        assert idx.running[slot] == node.running_jobs
+        assert idx.capacity[slot] == node.capacity
+        assert list(idx.metrics[slot]) == [getattr(node.metrics, c) for c in METRIC_COLUMNS]
+        for key in memberships(node):
+            expected.setdefault(key, set()).add(node_id)
+    for slot, node_id in enumerate(idx.ids):
+        if not node_id:
+            assert idx.status[slot] == EMPTY
+    # No stale membership: the sets hold exactly the live keys, and no empty set is kept.
+    assert {k: {idx.ids[s] for s in v} for k, v in idx._members.items()} == expected
+    for key, ids in expected.items():
+        assert index_members(idx, key) == ids

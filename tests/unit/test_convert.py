@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from registry import convert
@@ -15,11 +17,13 @@ from registry.model import (
     NodeFilter,
     NodeSpec,
     NodeStatus,
+    Pool,
+    SelectionWeights,
     Selector,
 )
 from registry.selection import Breakdown
 from registry_client.v1 import registry_pb2 as pb
-from tests.unit.factories import delete, make_node, put
+from tests.unit.factories import delete, make_node, make_pool, put
 
 
 def test_node_to_pb_carries_every_field() -> None:
@@ -34,7 +38,7 @@ def test_node_to_pb_carries_every_field() -> None:
         running_jobs=5,
         status=NodeStatus.DRAINING,
         health=0.8125,
-        metrics=Metrics(cpu=0.1, gpu=0.2, mem=0.3, load=0.4, error_rate=0.05),
+        metrics=Metrics(cpu=0.1, gpu=0.2, mem=0.3, load=0.4, error_rate=0.05, heartbeat_delay=0.6),
         version=4242,
         ttl_ms=4_500,
         registered_at=1_700_000_000_001,
@@ -62,6 +66,7 @@ def test_node_to_pb_carries_every_field() -> None:
         0.4,
     )
     assert msg.metrics.error_rate == 0.05
+    assert msg.metrics.heartbeat_delay == 0.6
     assert msg.version == 4242
     assert msg.ttl_ms == 4_500
     assert msg.registered_at == 1_700_000_000_001
@@ -240,3 +245,105 @@ def test_change_to_pb_delete_ignores_a_stray_node() -> None:
     event = convert.change_to_pb(Change(4, EventType.DELETE, "n1", node), "t")
     assert event.type == pb.WATCH_EVENT_TYPE_DELETE
     assert not event.HasField("node")
+
+
+def test_metrics_from_pb_ignores_a_reported_heartbeat_delay() -> None:
+    msg = pb.NodeMetrics(cpu=0.1, gpu=0.2, mem=0.3, load=0.4, error_rate=0.5, heartbeat_delay=0.9)
+    # The delay is the registry's own measurement, never the node's word.
+    assert convert.metrics_from_pb(msg) == Metrics(
+        cpu=0.1, gpu=0.2, mem=0.3, load=0.4, error_rate=0.5, heartbeat_delay=0.0
+    )
+
+
+# --- pools -------------------------------------------------------------------------------
+
+WEIGHTS = SelectionWeights(
+    cpu=1.0, gpu=2.0, mem=3.0, load=4.0, heartbeat_delay=5.0, error_rate=6.0, free_capacity=0.5
+)
+
+
+def full_pool(weights: SelectionWeights | None) -> Pool:
+    return make_pool(
+        "pool-7",
+        lang_pairs=[("fr", "de"), ("en", "de")],
+        required_services=["asr", "mt"],
+        labels={"zone": "eu-1"},
+        min_health=0.25,
+        weights=weights,
+        version=31,
+    )
+
+
+@pytest.mark.parametrize(
+    "weights", [None, WEIGHTS, SelectionWeights()], ids=["unset", "set", "defaults"]
+)
+def test_pool_round_trips_through_the_wire(weights: SelectionWeights | None) -> None:
+    pool = full_pool(weights)
+    msg = convert.pool_to_pb(pool)
+    wire = pb.Pool.FromString(msg.SerializeToString())
+    assert wire.pool_id == "pool-7"
+    assert [(p.src, p.tgt) for p in wire.lang_pairs] == [("en", "de"), ("fr", "de")]
+    assert list(wire.required_services) == ["asr", "mt"]
+    assert dict(wire.labels) == {"zone": "eu-1"}
+    assert wire.min_health == 0.25
+    assert wire.version == 31
+    assert wire.HasField("weights") is (weights is not None)
+    back = convert.pool_from_pb(wire)
+    # version is output only: a request's version is never trusted.
+    assert back == dataclasses.replace(pool, version=0)
+    assert back.weights == weights
+    assert back.to_json() == pool.to_json()
+
+
+def test_pool_weights_unset_is_none_and_set_to_zero_is_zero() -> None:
+    assert convert.pool_from_pb(pb.Pool(pool_id="p")).weights is None
+    zero = convert.pool_from_pb(pb.Pool(pool_id="p", weights=pb.SelectionWeights()))
+    assert zero.weights == SelectionWeights(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_weights_from_pb_maps_each_field() -> None:
+    msg = pb.SelectionWeights(
+        cpu=1.0, gpu=2.0, mem=3.0, load=4.0, heartbeat_delay=5.0, error_rate=6.0, free_capacity=0.5
+    )
+    assert convert.weights_from_pb(msg) == WEIGHTS
+
+
+def test_pool_from_pb_defaults() -> None:
+    assert convert.pool_from_pb(pb.Pool(pool_id="p")) == Pool("p")
+    assert convert.pool_to_pb(Pool("p")) == pb.Pool(pool_id="p")
+
+
+# --- Pool JSON ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [None, WEIGHTS], ids=["unset", "set"])
+def test_pool_json_round_trip(weights: SelectionWeights | None) -> None:
+    pool = full_pool(weights)
+    back = Pool.from_json("pool-7", pool.to_json(), 31)
+    assert back == dataclasses.replace(pool, required_services=("asr", "mt"))
+    assert back.to_json() == pool.to_json()
+    assert Pool.from_json("pool-7", pool.to_json(), 99).version == 99
+
+
+def test_pool_json_is_canonical() -> None:
+    a = make_pool(
+        lang_pairs=[("fr", "de"), ("en", "de")],
+        required_services=["mt", "asr", "mt"],
+        labels={"b": "2", "a": "1"},
+        version=1,
+    )
+    b = make_pool(
+        lang_pairs=[("en", "de"), ("fr", "de")],
+        required_services=["asr", "mt"],
+        labels={"a": "1", "b": "2"},
+        version=7,
+    )
+    assert a.to_json() == b.to_json(), "order, duplicates and version do not matter"
+    assert "version" not in a.to_json()
+    assert " " not in a.to_json(), "compact"
+    assert make_pool(min_health=0.5).to_json() != make_pool().to_json()
+    assert make_pool(weights=SelectionWeights()).to_json() != make_pool().to_json()
+
+
+def test_pool_from_json_tolerates_missing_fields() -> None:
+    assert Pool.from_json("p", "{}", 3) == Pool("p", version=3)

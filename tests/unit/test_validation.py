@@ -11,7 +11,15 @@ import pytest
 
 from registry import validation
 from registry.errors import InvalidArgument, RegistryError
-from registry.model import InstalledService, LanguagePair, Metrics, NodeSpec, Selector
+from registry.model import (
+    InstalledService,
+    LanguagePair,
+    Metrics,
+    NodeSpec,
+    Pool,
+    SelectionWeights,
+    Selector,
+)
 
 GOOD_SPEC = NodeSpec(
     node_id="node-1",
@@ -255,3 +263,133 @@ def test_selector_field_prefix() -> None:
 def test_selector_exclusion_list_limit_is_inclusive() -> None:
     sel = Selector(exclude_node_ids=frozenset(f"n{i}" for i in range(2560)))
     assert validation.check_selector(sel) is sel
+
+
+def test_heartbeat_delay_is_not_a_reported_metric() -> None:
+    # The registry computes the delay; check_metrics covers what a node reports.
+    late = Metrics(heartbeat_delay=5.0)
+    assert validation.check_metrics("metrics", late) is late
+
+
+# --- weights -----------------------------------------------------------------------------
+
+WEIGHT_NAMES = ("cpu", "gpu", "mem", "load", "heartbeat_delay", "error_rate")
+
+
+def test_good_weights_pass() -> None:
+    w = SelectionWeights()
+    assert validation.check_weights("weights", w) is w
+    zero = SelectionWeights(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    assert validation.check_weights("weights", zero) is zero
+    top = SelectionWeights(
+        **dict.fromkeys(WEIGHT_NAMES, validation.MAX_WEIGHT),
+        free_capacity=validation.MAX_FREE_CAPACITY_WEIGHT,
+    )
+    assert validation.check_weights("weights", top) is top
+
+
+@pytest.mark.parametrize("name", WEIGHT_NAMES)
+@pytest.mark.parametrize("bad", [math.nan, -0.01, 1000.01, math.inf, -math.inf])
+def test_bad_weight_names_the_weight(name: str, bad: float) -> None:
+    w = SelectionWeights(**{name: bad})
+    rejects(lambda: validation.check_weights("pool.weights", w), f"pool.weights.{name}")
+
+
+@pytest.mark.parametrize("bad", [math.nan, -0.5, 10.01, math.inf])
+def test_bad_free_capacity_weight(bad: float) -> None:
+    w = SelectionWeights(free_capacity=bad)
+    rejects(lambda: validation.check_weights("weights", w), "weights.free_capacity")
+
+
+# --- pools -------------------------------------------------------------------------------
+
+GOOD_POOL = Pool(
+    pool_id="pool.a",
+    lang_pairs=frozenset({LanguagePair("en", "de"), LanguagePair("zh-Hans", "pt-BR")}),
+    required_services=("mt",),
+    labels={"zone": "eu-1"},
+    min_health=0.5,
+    weights=SelectionWeights(cpu=2.0, free_capacity=0.0),
+)
+
+
+def pool(**changes: Any) -> Pool:
+    return dataclasses.replace(GOOD_POOL, **changes)
+
+
+def test_good_pool_passes_unchanged() -> None:
+    assert validation.check_pool(GOOD_POOL) is GOOD_POOL
+    assert validation.check_pool(Pool("p")) == Pool("p")
+    assert validation.check_pool(pool(min_health=1.0, weights=None))
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"pool_id": ""}, "pool.pool_id"),
+        ({"pool_id": "a:b"}, "pool.pool_id"),
+        ({"pool_id": "x" * 129}, "pool.pool_id"),
+        # Pairs are checked in (src, tgt) order, so the index is stable.
+        ({"lang_pairs": frozenset({LanguagePair("en", "")})}, "pool.lang_pairs[0].tgt"),
+        (
+            {"lang_pairs": frozenset({LanguagePair("aa", "de"), LanguagePair("zz", "d e")})},
+            "pool.lang_pairs[1].tgt",
+        ),
+        (
+            {"lang_pairs": frozenset(LanguagePair("en", f"x{i}") for i in range(257))},
+            "pool.lang_pairs",
+        ),
+        ({"required_services": ("mt", "")}, "pool.required_services[1]"),
+        ({"required_services": ("x" * 129,)}, "pool.required_services[0]"),
+        ({"required_services": tuple(f"s{i}" for i in range(257))}, "pool.required_services"),
+        ({"labels": {"": "v"}}, "pool.labels['']"),
+        ({"labels": {f"k{i}": "v" for i in range(65)}}, "pool.labels"),
+        ({"min_health": 1.5}, "pool.min_health"),
+        ({"min_health": math.nan}, "pool.min_health"),
+        ({"weights": SelectionWeights(gpu=-1.0)}, "pool.weights.gpu"),
+        ({"weights": SelectionWeights(heartbeat_delay=math.nan)}, "pool.weights.heartbeat_delay"),
+        ({"weights": SelectionWeights(free_capacity=11.0)}, "pool.weights.free_capacity"),
+    ],
+)
+def test_bad_pool_names_the_field(changes: dict[str, Any], field: str) -> None:
+    rejects(lambda: validation.check_pool(pool(**changes)), field)
+
+
+def test_pool_field_prefix_is_configurable() -> None:
+    rejects(lambda: validation.check_pool(pool(pool_id="a b"), "req.pool"), "req.pool.pool_id")
+
+
+def test_pool_limits_are_inclusive() -> None:
+    validation.check_pool(
+        pool(
+            pool_id="x" * 128,
+            lang_pairs=frozenset(LanguagePair("en", f"x{i}") for i in range(256)),
+            required_services=(*(f"s{i}" for i in range(255)), "n" * 128),
+            labels={f"k{i}": "v" for i in range(64)},
+            min_health=0.0,
+        )
+    )
+
+
+# --- reported job ids --------------------------------------------------------------------
+
+
+def test_job_ids_pass_as_a_tuple() -> None:
+    assert validation.check_job_ids("running_job_ids", ["j1", "j.2"]) == ("j1", "j.2")
+    assert validation.check_job_ids("running_job_ids", iter(())) == ()
+    most = [f"j{i}" for i in range(validation.MAX_REPORTED_JOBS)]
+    assert len(validation.check_job_ids("running_job_ids", most)) == validation.MAX_REPORTED_JOBS
+
+
+@pytest.mark.parametrize(
+    ("job_ids", "field"),
+    [
+        (["ok", ""], "running_job_ids[1]"),
+        (["a:b"], "running_job_ids[0]"),
+        (["ok", "ok2", "x" * 129], "running_job_ids[2]"),
+        (["{tag}"], "running_job_ids[0]"),
+        ([f"j{i}" for i in range(10_001)], "running_job_ids"),
+    ],
+)
+def test_bad_job_ids_name_the_field(job_ids: list[str], field: str) -> None:
+    rejects(lambda: validation.check_job_ids("running_job_ids", job_ids), field)

@@ -4,6 +4,11 @@
 -- Versioning: every logged change INCRs the version key once and XADDs one
 -- entry to the log stream with the id "<version>-0", so the stream ids are the
 -- versions and a reader can tell a gap (trimmed log) from a contiguous read.
+--
+-- Reservations: the jobs hash of a node maps job id -> "<lease deadline>/<lease
+-- ms>/<reserved at>" (ms, Redis clock); the leases zset holds "<node>/<job>" by
+-- deadline; the job-node hash maps job id -> node id, so a job holds at most one
+-- slot in the whole registry. Every path that frees a slot updates all three.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -28,10 +33,29 @@ local function log_del(ver_key, log_key, maxlen, node_id, reason)
   return v
 end
 
--- Frees every reservation of a node (its jobs hash and its lease entries).
-local function drop_jobs(jobs_key, leases_key, node_id)
+local function reservation(deadline, lease, reserved_at)
+  return deadline .. '/' .. lease .. '/' .. reserved_at
+end
+
+-- Splits a reservation value into deadline, lease ms, reserved-at (numbers).
+local function parse_reservation(value)
+  local d, l, r = string.match(value, '^(%d+)/(%d+)/(%d+)$')
+  return tonumber(d), tonumber(l), tonumber(r)
+end
+
+-- Frees one reservation; returns 1 if the job held a slot on the node.
+local function free_job(jobs_key, leases_key, jobnode_key, node_id, job_id)
+  if redis.call('HDEL', jobs_key, job_id) == 0 then return 0 end
+  redis.call('ZREM', leases_key, node_id .. '/' .. job_id)
+  if redis.call('HGET', jobnode_key, job_id) == node_id then
+    redis.call('HDEL', jobnode_key, job_id)
+  end
+  return 1
+end
+
+-- Frees every reservation of a node.
+local function drop_jobs(jobs_key, leases_key, jobnode_key, node_id)
   local jobs = redis.call('HKEYS', jobs_key)
-  for i = 1, #jobs do redis.call('ZREM', leases_key, node_id .. '/' .. jobs[i]) end
-  redis.call('DEL', jobs_key)
+  for i = 1, #jobs do free_job(jobs_key, leases_key, jobnode_key, node_id, jobs[i]) end
   return #jobs
 end

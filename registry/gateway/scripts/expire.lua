@@ -1,6 +1,6 @@
 -- expire: mark nodes past their deadline OFFLINE, remove nodes OFFLINE for longer
 -- than the grace period, and free reservations whose lease ran out.
--- KEYS: 1 version, 2 log, 3 expiry zset, 4 leases zset, 5 node-id set
+-- KEYS: 1 version, 2 log, 3 expiry zset, 4 leases zset, 5 node-id set, 6 job-node hash
 -- ARGV: 1 key prefix ("{ns}:"), 2 log maxlen, 3 offline grace ms, 4 batch size
 -- Node and jobs keys are built from the prefix: they carry the same hash tag as
 -- KEYS, so the script stays within one cluster slot.
@@ -8,7 +8,8 @@
 -- Safe to run from every sidecar at once and to retry: each item is acted on only
 -- while it is still due, and acting on it makes it no longer due (an OFFLINE node's
 -- deadline moves to now + grace; a freed lease leaves the zset).
-local ver_key, log_key, expiry_key, leases_key, ids_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ver_key, log_key, expiry_key, leases_key, ids_key, jobnode_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local prefix, maxlen, grace, batch = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local offline, removed, freed = 0, 0, 0
@@ -21,13 +22,13 @@ for i = 1, #due do
   if not status then
     redis.call('ZREM', expiry_key, node_id)
   elseif status ~= 'OFFLINE' then
-    drop_jobs(jobs_key, leases_key, node_id)
+    drop_jobs(jobs_key, leases_key, jobnode_key, node_id)
     redis.call('HSET', node_key, 'status', 'OFFLINE', 'off_at', now, 'jobs', 0)
     redis.call('ZADD', expiry_key, now + grace, node_id)
     log_put(ver_key, log_key, maxlen, node_key, node_id)
     offline = offline + 1
   else
-    drop_jobs(jobs_key, leases_key, node_id)
+    drop_jobs(jobs_key, leases_key, jobnode_key, node_id)
     redis.call('DEL', node_key)
     redis.call('SREM', ids_key, node_id)
     redis.call('ZREM', expiry_key, node_id)
@@ -43,7 +44,7 @@ for i = 1, #leases do
   local node_key = prefix .. 'node:' .. node_id
   local jobs_key = prefix .. 'jobs:' .. node_id
   redis.call('ZREM', leases_key, member)
-  if redis.call('HDEL', jobs_key, job_id) == 1 then
+  if free_job(jobs_key, leases_key, jobnode_key, node_id, job_id) == 1 then
     freed = freed + 1
     if redis.call('EXISTS', node_key) == 1 then
       redis.call('HSET', node_key, 'jobs', redis.call('HLEN', jobs_key))

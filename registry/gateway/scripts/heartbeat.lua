@@ -1,44 +1,108 @@
--- heartbeat: record liveness (and metrics) for one or more nodes in one call.
--- KEYS: 1 version, 2 log, 3 expiry zset, 4.. one node hash per heartbeat
--- ARGV: 1 log maxlen, 2 metrics epsilon, then 7 per heartbeat, in KEYS order:
---       node_id, cpu, gpu, mem, load, error_rate, health_score
--- Returns: one {outcome, node version, status, deadline_ms, changed} per heartbeat;
---          outcome 1 = recorded, 0 = unknown node, 2 = node is OFFLINE (re-register).
--- Only a material change is logged: a metric moving by at least epsilon since the
--- last logged value. Otherwise only the deadline (expiry zset) and hb_at move, so
--- liveness-only heartbeats do not flood the log.
--- Retry-safe: a repeated heartbeat finds the metrics it wrote already there (no
--- change, nothing logged) and moves the deadline to now + ttl again.
-local ver_key, log_key, expiry_key = KEYS[1], KEYS[2], KEYS[3]
+-- heartbeat: record liveness, metrics and (optionally) running jobs for one or more
+-- nodes in one call.
+-- KEYS: 1 version, 2 log, 3 expiry zset, 4 leases zset, 5 job-node hash,
+--       then 2 per heartbeat: node hash, jobs hash
+-- ARGV: 1 log maxlen, 2 metrics epsilon, 3-8 health weights (cpu, gpu, mem, load,
+--       heartbeat delay, error rate), 9 reconciliation grace ms,
+--       then 7 per heartbeat, in KEYS order: node_id, cpu, gpu, mem, load, error_rate,
+--       jobs ("-" when the node reports none, else "+" then comma-separated job ids)
+-- Returns: one {outcome, node version, status, deadline_ms, changed, ttl_ms,
+--          {released job ids}} per heartbeat; outcome 1 = recorded, 0 = unknown node,
+--          2 = node is OFFLINE (it must register again).
+--
+-- Heartbeat delay: how late this heartbeat came against the interval (ttl / 3),
+-- as a fraction of the interval, capped at 1. Health: 1 minus the weighted mean of
+-- cpu, gpu, mem, load, delay and error rate (the formula of registry/health.py).
+-- Only a material change is logged: a metric (delay included) moving by at least
+-- epsilon since the last logged value, or a reconciliation that freed slots.
+-- Otherwise only the deadline and hb_at move, so liveness-only heartbeats do not
+-- flood the log.
+-- Reconciliation (jobs reported): the node is the ground truth. Reservations it
+-- runs get their lease renewed; reservations it does not run are freed once they
+-- are older than the grace period (a job reserved a moment ago may not have
+-- reached the node yet). Jobs the node runs without a reservation are ignored.
+-- Retry-safe: a repeated heartbeat finds its metrics already stored (no change,
+-- nothing logged), renews the same leases, and finds nothing more to free.
+local ver_key, log_key, expiry_key, leases_key, jobnode_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local maxlen, eps = ARGV[1], tonumber(ARGV[2])
+local w = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+  tonumber(ARGV[7]), tonumber(ARGV[8])}
+local wsum = w[1] + w[2] + w[3] + w[4] + w[5] + w[6]
+local grace = tonumber(ARGV[9])
 local now = now_ms()
-local names = {'cpu', 'gpu', 'mem', 'load', 'err'}
+local names = {'cpu', 'gpu', 'mem', 'load', 'delay', 'err'}
 local out = {}
-for i = 4, #KEYS do
-  local node_key = KEYS[i]
-  local a = 3 + (i - 4) * 7
+
+local function health_of(m)
+  if wsum <= 0 then return 1 end
+  local used = 0
+  for j = 1, 6 do used = used + w[j] * m[j] end
+  local h = 1 - used / wsum
+  if h < 0 then h = 0 elseif h > 1 then h = 1 end
+  return math.floor(h * 10000 + 0.5) / 10000
+end
+
+local function reconcile(node_id, jobs_key, report)
+  local running = {}
+  for job in string.gmatch(string.sub(report, 2), '[^,]+') do running[job] = true end
+  local released = {}
+  local held = redis.call('HGETALL', jobs_key)
+  for k = 1, #held, 2 do
+    local job_id = held[k]
+    local _, lease, reserved_at = parse_reservation(held[k + 1])
+    if running[job_id] then
+      redis.call('HSET', jobs_key, job_id, reservation(now + lease, lease, reserved_at))
+      redis.call('ZADD', leases_key, now + lease, node_id .. '/' .. job_id)
+    elseif now - reserved_at >= grace then
+      free_job(jobs_key, leases_key, jobnode_key, node_id, job_id)
+      released[#released + 1] = job_id
+    end
+  end
+  return released
+end
+
+for i = 1, (#KEYS - 5) / 2 do
+  local node_key, jobs_key = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
+  local a = 10 + (i - 1) * 7
   local node_id = ARGV[a]
-  local cur = redis.call('HMGET', node_key, 'status', 'ttl', 'ver', 'cpu', 'gpu', 'mem', 'load', 'err')
+  local cur = redis.call('HMGET', node_key, 'status', 'ttl', 'ver', 'hb_at',
+    'cpu', 'gpu', 'mem', 'load', 'delay', 'err')
   if not cur[1] then
-    out[#out + 1] = {0, 0, '', 0, 0}
+    out[#out + 1] = {0, 0, '', 0, 0, 0, {}}
   elseif cur[1] == 'OFFLINE' then
-    out[#out + 1] = {2, tonumber(cur[3]), 'OFFLINE', 0, 0}
+    out[#out + 1] = {2, tonumber(cur[3]), 'OFFLINE', 0, 0, tonumber(cur[2]), {}}
   else
-    local deadline = now + tonumber(cur[2])
+    local ttl = tonumber(cur[2])
+    local interval = ttl / 3
+    local late = now - tonumber(cur[4]) - interval
+    local delay = 0
+    if late > 0 then delay = math.min(math.floor(late / interval * 1000 + 0.5) / 1000, 1) end
+    local m = {tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+      tonumber(ARGV[a + 4]), delay, tonumber(ARGV[a + 5])}
+    local deadline = now + ttl
     redis.call('ZADD', expiry_key, deadline, node_id)
     local material = false
-    for j = 1, 5 do
-      if math.abs(tonumber(ARGV[a + j]) - tonumber(cur[3 + j] or 0)) >= eps then material = true end
+    for j = 1, 6 do
+      if math.abs(m[j] - tonumber(cur[4 + j] or 0)) >= eps then material = true end
+    end
+    local released = {}
+    local report = ARGV[a + 6]
+    if string.sub(report, 1, 1) == '+' then
+      released = reconcile(node_id, jobs_key, report)
+      if #released > 0 then
+        redis.call('HSET', node_key, 'jobs', redis.call('HLEN', jobs_key))
+        material = true
+      end
     end
     local ver = tonumber(cur[3])
     if material then
-      redis.call('HSET', node_key, 'hb_at', now, 'cpu', ARGV[a + 1], 'gpu', ARGV[a + 2],
-        'mem', ARGV[a + 3], 'load', ARGV[a + 4], 'err', ARGV[a + 5], 'health', ARGV[a + 6])
+      redis.call('HSET', node_key, 'hb_at', now, 'cpu', m[1], 'gpu', m[2], 'mem', m[3],
+        'load', m[4], 'delay', m[5], 'err', m[6], 'health', health_of(m))
       ver = log_put(ver_key, log_key, maxlen, node_key, node_id)
     else
       redis.call('HSET', node_key, 'hb_at', now)
     end
-    out[#out + 1] = {1, ver, cur[1], deadline, material and 1 or 0}
+    out[#out + 1] = {1, ver, cur[1], deadline, material and 1 or 0, ttl, released}
   end
 end
 return out

@@ -15,7 +15,7 @@ local changed = 0
 if not cur[1] then
   redis.call('HSET', node_key, 'spec', spec, 'capacity', capacity, 'status', 'ONLINE',
     'ttl', ttl, 'reg_at', now, 'hb_at', now, 'cpu', 0, 'gpu', 0, 'mem', 0, 'load', 0,
-    'err', 0, 'health', 1, 'jobs', redis.call('HLEN', jobs_key))
+    'delay', 0, 'err', 0, 'health', 1, 'jobs', redis.call('HLEN', jobs_key))
   redis.call('SADD', ids_key, node_id)
   changed = 1
 else

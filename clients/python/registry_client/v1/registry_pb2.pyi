@@ -169,11 +169,16 @@ class NodeMetrics(google.protobuf.message.Message):
     MEM_FIELD_NUMBER: builtins.int
     LOAD_FIELD_NUMBER: builtins.int
     ERROR_RATE_FIELD_NUMBER: builtins.int
+    HEARTBEAT_DELAY_FIELD_NUMBER: builtins.int
     cpu: builtins.float
     gpu: builtins.float
     mem: builtins.float
     load: builtins.float
     error_rate: builtins.float
+    heartbeat_delay: builtins.float
+    """Output only, computed by the registry: how late the node's last heartbeat
+    was, as a fraction of its heartbeat interval (TTL / 3), capped at 1.
+    """
     def __init__(
         self,
         *,
@@ -182,8 +187,9 @@ class NodeMetrics(google.protobuf.message.Message):
         mem: builtins.float = ...,
         load: builtins.float = ...,
         error_rate: builtins.float = ...,
+        heartbeat_delay: builtins.float = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cpu", b"cpu", "error_rate", b"error_rate", "gpu", b"gpu", "load", b"load", "mem", b"mem"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpu", b"cpu", "error_rate", b"error_rate", "gpu", b"gpu", "heartbeat_delay", b"heartbeat_delay", "load", b"load", "mem", b"mem"]) -> None: ...
 
 Global___NodeMetrics: typing_extensions.TypeAlias = NodeMetrics
 
@@ -396,6 +402,7 @@ class HeartbeatResponse(google.protobuf.message.Message):
     ACTION_FIELD_NUMBER: builtins.int
     DEADLINE_MS_FIELD_NUMBER: builtins.int
     INTERVAL_MS_FIELD_NUMBER: builtins.int
+    RELEASED_JOB_IDS_FIELD_NUMBER: builtins.int
     seq: builtins.int
     version: builtins.int
     """Registry version after this heartbeat."""
@@ -407,6 +414,12 @@ class HeartbeatResponse(google.protobuf.message.Message):
     """
     interval_ms: builtins.int
     """Suggested interval until the next heartbeat, in milliseconds."""
+    @property
+    def released_job_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """With report_jobs: reservations the node no longer runs (older than the
+        reconciliation grace period) that this heartbeat released.
+        """
+
     def __init__(
         self,
         *,
@@ -416,8 +429,9 @@ class HeartbeatResponse(google.protobuf.message.Message):
         action: Global___HeartbeatAction.ValueType = ...,
         deadline_ms: builtins.int = ...,
         interval_ms: builtins.int = ...,
+        released_job_ids: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["action", b"action", "deadline_ms", b"deadline_ms", "interval_ms", b"interval_ms", "seq", b"seq", "status", b"status", "version", b"version"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["action", b"action", "deadline_ms", b"deadline_ms", "interval_ms", b"interval_ms", "released_job_ids", b"released_job_ids", "seq", b"seq", "status", b"status", "version", b"version"]) -> None: ...
 
 Global___HeartbeatResponse: typing_extensions.TypeAlias = HeartbeatResponse
 
@@ -850,9 +864,14 @@ class ScheduleResponse(google.protobuf.message.Message):
     BREAKDOWN_FIELD_NUMBER: builtins.int
     LEASE_DEADLINE_MS_FIELD_NUMBER: builtins.int
     ATTEMPTS_FIELD_NUMBER: builtins.int
+    CREATED_FIELD_NUMBER: builtins.int
     lease_deadline_ms: builtins.int
     attempts: builtins.int
-    """Candidates tried before one reservation succeeded."""
+    """Reservations tried, the successful one included."""
+    created: builtins.bool
+    """False when the job already held its slot (a retried Schedule): the same node
+    is returned and its lease renewed.
+    """
     @property
     def node(self) -> Global___Node: ...
     @property
@@ -864,9 +883,10 @@ class ScheduleResponse(google.protobuf.message.Message):
         breakdown: Global___SelectionBreakdown | None = ...,
         lease_deadline_ms: builtins.int = ...,
         attempts: builtins.int = ...,
+        created: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["breakdown", b"breakdown", "node", b"node"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["attempts", b"attempts", "breakdown", b"breakdown", "lease_deadline_ms", b"lease_deadline_ms", "node", b"node"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["attempts", b"attempts", "breakdown", b"breakdown", "created", b"created", "lease_deadline_ms", b"lease_deadline_ms", "node", b"node"]) -> None: ...
 
 Global___ScheduleResponse: typing_extensions.TypeAlias = ScheduleResponse
 
@@ -922,7 +942,13 @@ Global___WatchEvent: typing_extensions.TypeAlias = WatchEvent
 
 @typing.final
 class SelectionWeights(google.protobuf.message.Message):
-    """SelectionWeights tune how health and free capacity rank candidates."""
+    """SelectionWeights tune how a pool ranks its candidates.
+
+    The six health weights are relative (they need not sum to 1): a node's
+    health is 1 minus the weighted mean of its load figures. A candidate is then
+    drawn with probability proportional to health * free_slots^free_capacity.
+    Leaving the message unset uses the sidecar's defaults (docs/scheduling.md).
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -957,7 +983,13 @@ Global___SelectionWeights: typing_extensions.TypeAlias = SelectionWeights
 
 @typing.final
 class Pool(google.protobuf.message.Message):
-    """Pool is the configuration of a group of nodes."""
+    """Pool is the configuration of a group of nodes.
+
+    Members are the nodes that declare the pool (Node.pools). A selection in the
+    pool also requires what the pool requires: one of its language pairs (the
+    request's pair must be one of them, if the pool lists any), its services and
+    labels, and at least its min_health.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -995,7 +1027,9 @@ class Pool(google.protobuf.message.Message):
     @property
     def labels(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]: ...
     @property
-    def weights(self) -> Global___SelectionWeights: ...
+    def weights(self) -> Global___SelectionWeights:
+        """Unset: the sidecar's default weights."""
+
     def __init__(
         self,
         *,
