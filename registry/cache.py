@@ -13,6 +13,7 @@ changes so a Watch can resume from a token without a snapshot.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -34,7 +35,15 @@ class Subscription:
 class Replica:
     """Full copy of the registry. Only the event loop calls the mutating methods."""
 
-    def __init__(self, *, history: int = 10_000, watch_queue_max: int = 4_096) -> None:
+    def __init__(
+        self,
+        *,
+        history: int = 10_000,
+        watch_queue_max: int = 4_096,
+        l1_s: float = 5.0,
+        l1_jitter: float = 0.2,
+        rng: random.Random | None = None,
+    ) -> None:
         self.nodes: dict[str, Node] = {}
         self.pools: dict[str, Pool] = {}
         self.index = NodeIndex()
@@ -57,6 +66,12 @@ class Replica:
         pool, and a relist tells watchers what they missed, whichever path came first."""
         self._tombstones: dict[str, int] = {}
         """Nodes this sidecar deleted ahead of the feed: id -> version of the delete."""
+        self.misses: dict[str, float] = {}
+        """Miss markers: id -> monotonic expiry; a change to the node removes its marker."""
+        self.l1_s = l1_s
+        self._l1_jitter = l1_jitter
+        self._rng = rng or random.Random()
+        self.repairs = 0
 
     # --- reads ------------------------------------------------------------------------
 
@@ -92,6 +107,17 @@ class Replica:
 
     def mark_synced(self) -> None:
         self.synced_at = time.monotonic()
+
+    def confirm(self, node_id: str, now: float | None = None) -> None:
+        """Redis vouched for this entry: restart its L1 TTL, with fresh random jitter so
+        entries loaded together do not all come due together (no avalanche)."""
+        now = time.monotonic() if now is None else now
+        span = self.l1_s * self._rng.uniform(1 - self._l1_jitter, 1 + self._l1_jitter)
+        self.index.confirm(node_id, now, now + span)
+
+    def confirmed_at(self, node_id: str) -> float | None:
+        slot = self.index.slot(node_id)
+        return None if slot is None else float(self.index.confirmed[slot])
 
     def apply_local(self, node: Node | None, node_id: str, version: int) -> None:
         """A write this sidecar made: reflect it now; the feed delivers it again later.
@@ -154,39 +180,57 @@ class Replica:
             self._publish(change, pools_before)
 
     def replace_all(self, nodes: Iterable[Node], version: int, pools: Iterable[Pool] = ()) -> None:
-        """Swap in a full snapshot (preload, or reload after a gap).
-
-        Watchers get the difference as PUT/DELETE changes at the snapshot's version; the
-        history restarts there, so a token from before the reload leads to a snapshot.
-        """
+        """Swap in a full snapshot (preload, or a reload)."""
         fresh = {n.node_id: n for n in nodes}
+        gone = set(self.nodes) | set(self._told)
+        gone.difference_update(fresh)
+        self.nodes = {}
+        self.index.clear()
+        self._resync(fresh, gone, version, pools)
+        self.reloads += 1
+
+    def patch(
+        self, nodes: Iterable[Node], removed: Iterable[str], version: int, pools: Iterable[Pool]
+    ) -> None:
+        """Bring the replica to ``version`` by replacing only the nodes that changed
+        (``nodes``) and dropping ``removed``: a repair when the log lost entries."""
+        self._resync({n.node_id: n for n in nodes}, set(removed), version, pools)
+        self.repairs += 1
+
+    def _resync(
+        self, fresh: dict[str, Node], gone: set[str], version: int, pools: Iterable[Pool]
+    ) -> None:
+        """Watchers get the difference from what they were told, as PUT/DELETE changes at
+        ``version``; the history restarts there, so an older token leads to a snapshot."""
         told = self._told
         changes: list[tuple[Change, frozenset[str]]] = []
-        for node_id, (_, was_in) in told.items():
-            if node_id not in fresh:
-                changes.append((Change(version, EventType.DELETE, node_id, None), was_in))
+        for node_id in sorted(gone):
+            seen = told.pop(node_id, None)
+            if seen is not None:
+                changes.append((Change(version, EventType.DELETE, node_id, None), seen[1]))
+            self._remove(node_id)
+        now = time.monotonic()
         for node_id, node in fresh.items():
             seen = told.get(node_id)
             if seen is None or seen[0] != node.version:
                 before = seen[1] if seen is not None else frozenset()
                 changes.append((Change(version, EventType.PUT, node_id, node), before))
-        self._told = {n.node_id: (n.version, n.pools) for n in fresh.values()}
-        self.nodes = {}
-        self.index.clear()
-        for node in fresh.values():
-            self._store(node)
+            told[node_id] = (node.version, node.pools)
+            self._store(node, now)
         self.pools = {p.pool_id: p for p in pools}
         self._tombstones.clear()
         self.version = version
         self._history.clear()
         self._history_floor = version
-        self.reloads += 1
         for change, pools_before in changes:
             self._publish(change, pools_before)
 
-    def _store(self, node: Node) -> None:
+    def _store(self, node: Node, now: float | None = None) -> None:
+        """Every stored node came from Redis just now, so it counts as confirmed."""
         self.nodes[node.node_id] = node
         self.index.put(node)
+        self.confirm(node.node_id, now)
+        self.misses.pop(node.node_id, None)
 
     def _remove(self, node_id: str) -> None:
         if self.nodes.pop(node_id, None) is not None:

@@ -16,6 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from registry.cache import Replica
 from registry.errors import Unavailable
 from registry.gateway import Gateway
+from registry.model import Change
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ChangeFeed:
     async def preload(self) -> None:
         """Load every node before the sidecar reports SERVING."""
         started = time.perf_counter()
-        await self._reload()
+        await self.reload()
         self._replica.ready = True
         log.info(
             "preloaded %d nodes at version %d in %.0f ms",
@@ -65,12 +66,59 @@ class ChangeFeed:
             self._task = None
         await self._reader.aclose()
 
-    async def _reload(self) -> None:
+    async def reload(self) -> None:
         snap = await self._gateway.snapshot()
         self._replica.replace_all(snap.nodes, snap.version, snap.pools)
         self.redis_version = max(self.redis_version, snap.version)
         self._replica.mark_synced()
         self.connected = True
+
+    def apply(self, changes: list[Change]) -> bool:
+        """Apply log entries past the replica's version, in order. False on a gap (the
+        log lost entries the replica needs); entries already applied are skipped, so the
+        feed and a catch-up may deliver the same entries."""
+        replica = self._replica
+        for change in changes:
+            if change.version <= replica.version:
+                continue
+            if change.version != replica.version + 1:
+                return False
+            replica.apply(change)
+        if changes:
+            self.redis_version = max(self.redis_version, changes[-1].version)
+        return True
+
+    async def catch_up(self) -> str:
+        """Bring the replica up to Redis now, without waiting for the tail: from the log
+        if it still holds what is missing, else by repair. Returns which it took."""
+        reader = self._gateway.log
+        while True:
+            read = await reader.read(self._replica.version, LOG_BATCH, previous=self._replica.nodes)
+            if not self.apply(read.changes):
+                await self.repair()
+                return "repair"
+            if len(read.changes) < LOG_BATCH:
+                return "log"
+
+    async def repair(self) -> None:
+        """The log lost entries: compare every node's version with Redis and fetch only
+        the nodes that differ (a relist, minus the nodes that did not change)."""
+        replica = self._replica
+        version, versions = await self._gateway.node_versions()
+        changed = [
+            i for i, v in versions.items() if (n := replica.get(i)) is None or n.version != v
+        ]
+        removed = [i for i in replica.nodes if i not in versions]
+        nodes = await self._gateway.read_nodes(changed)
+        pools = await self._gateway.read_pools()
+        replica.patch(nodes, removed, version, pools)
+        self.redis_version = max(self.redis_version, version)
+        log.warning(
+            "repaired the replica at version %d: %d nodes fetched, %d removed",
+            version,
+            len(nodes),
+            len(removed),
+        )
 
     async def _run(self) -> None:
         retrying = AsyncRetrying(
@@ -96,24 +144,14 @@ class ChangeFeed:
             if not self.connected:
                 self.connected = True
                 log.info("change feed connected at version %d", replica.version)
-            changes = read.changes
-            if changes and changes[0].version != replica.version + 1:
+            if not self.apply(read.changes):
                 log.warning(
-                    "change log gap: have %d, log starts at %d; reloading",
+                    "change log gap: have %d, log starts at %d; repairing",
                     replica.version,
-                    read.first_version or changes[0].version,
+                    read.first_version or read.changes[0].version,
                 )
-                await self._reload()
+                await self.repair()
                 continue
-            for change in changes:
-                if change.version != replica.version + 1:
-                    # Within one read the ids are contiguous unless the log was trimmed
-                    # between two reads; reload rather than skip.
-                    await self._reload()
-                    break
-                replica.apply(change)
-            if changes:
-                self.redis_version = max(self.redis_version, changes[-1].version)
-            if len(changes) < LOG_BATCH:
+            if len(read.changes) < LOG_BATCH:
                 # Redis answered with everything it had: in sync as of its answer.
                 replica.synced_at = answered

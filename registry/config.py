@@ -42,6 +42,20 @@ class Settings:
     """Largest lease a reservation may ask for."""
     expiry_interval_ms: int = 500
     """How often the expiry script runs (every sidecar runs it; it is safe to)."""
+    l1_ttl_ms: int = 5_000
+    """L1: how long a replica entry is served before it is revalidated (jittered +-20%)."""
+    l2_ttl_ms: int = 30_000
+    """L2: past it an unconfirmed entry is re-read from Redis before it is served."""
+    miss_marker_min_ms: int = 1_000
+    """Shortest life of a miss marker (each gets a random life in [min, max])."""
+    miss_marker_max_ms: int = 10_000
+    """Longest life of a miss marker."""
+    complete_ms: int = 1_000
+    """A replica in sync within this long answers an unknown id NOT_FOUND without Redis."""
+    version_check_interval_ms: int = 100
+    """How often the version checker compares the replica's version with Redis's."""
+    version_check_timeout_ms: int = 50
+    """Timeout of one version check; a late answer is counted and ignored."""
     log_maxlen: int = 50_000
     """Approximate length the change-log stream is capped at."""
     health_weights: str = "cpu=0.2,gpu=0.15,mem=0.15,load=0.15,heartbeat_delay=0.1,error_rate=0.25"
@@ -93,9 +107,17 @@ class Settings:
             "watch_history",
             "watch_bookmark_ms",
             "schedule_attempts",
+            "l1_ttl_ms",
+            "l2_ttl_ms",
+            "miss_marker_min_ms",
+            "complete_ms",
+            "version_check_interval_ms",
+            "version_check_timeout_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.l2_ttl_ms < self.l1_ttl_ms or self.miss_marker_max_ms < self.miss_marker_min_ms:
+            raise ValueError("need l2_ttl_ms >= l1_ttl_ms and miss_marker_max_ms >= min")
         if self.reconcile_grace_ms < 0 or not 0 <= self.free_capacity_weight <= 10:
             raise ValueError("reconcile_grace_ms must be >= 0, free_capacity_weight in [0, 10]")
 

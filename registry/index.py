@@ -68,6 +68,10 @@ class NodeIndex:
         self.running = np.zeros(initial, np.int64)
         self.capacity = np.zeros(initial, np.int64)
         self.metrics = np.zeros((initial, len(METRIC_COLUMNS)))
+        self.confirmed = np.zeros(initial)
+        """Monotonic time each entry was last confirmed by Redis (a change or a check)."""
+        self.l1_due = np.zeros(initial)
+        """Monotonic time each entry's L1 TTL (jittered) runs out: revalidate then."""
 
     @property
     def size(self) -> int:
@@ -95,6 +99,12 @@ class NodeIndex:
         if keys != old:
             self._move(slot, old - keys, keys - old)
             self._keys[slot] = keys
+
+    def confirm(self, node_id: str, now: float, l1_due: float) -> None:
+        slot = self._slot.get(node_id)
+        if slot is not None:
+            self.confirmed[slot] = now
+            self.l1_due[slot] = l1_due
 
     def remove(self, node_id: str) -> None:
         slot = self._slot.pop(node_id, None)
@@ -166,6 +176,8 @@ class NodeIndex:
         metrics = np.zeros((cap, len(METRIC_COLUMNS)))
         metrics[: len(self.metrics)] = self.metrics
         self.metrics = metrics
+        self.confirmed = np.resize(self.confirmed, cap)
+        self.l1_due = np.resize(self.l1_due, cap)
 
     def _move(self, slot: int, leave: Iterable[Key], join: Iterable[Key]) -> None:
         for key in leave:

@@ -24,6 +24,8 @@ from registry.embedded_redis import EmbeddedRedis
 from registry.errors import Unavailable
 from registry.gateway import Gateway
 from registry.servicer import RegistryServicer
+from registry.tiers import Tiers
+from registry.versions import VersionChecker
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
 
@@ -45,8 +47,12 @@ class Sidecar:
         self._health = health_aio.HealthServicer()
         self._expiry: asyncio.Task[None] | None = None
         self.replica = Replica(
-            history=settings.watch_history, watch_queue_max=settings.watch_queue_max
+            history=settings.watch_history,
+            watch_queue_max=settings.watch_queue_max,
+            l1_s=settings.l1_ttl_ms / 1000,
         )
+        self._checker: VersionChecker | None = None
+        self._tiers: Tiers | None = None
         self.servicer: RegistryServicer | None = None
 
     @property
@@ -89,7 +95,24 @@ class Sidecar:
         )
         epoch = await self._until_redis(self._gateway.ensure_epoch)
         self._feed = ChangeFeed(self._gateway, self.replica, block_ms=s.feed_block_ms)
-        self.servicer = RegistryServicer(s, self._gateway, self.replica, self._feed, epoch)
+        self._checker = VersionChecker(
+            self._gateway,
+            self.replica,
+            self._feed,
+            interval_s=s.version_check_interval_ms / 1000,
+            timeout_s=s.version_check_timeout_ms / 1000,
+        )
+        self._tiers = Tiers(
+            self._gateway,
+            self.replica,
+            self._feed,
+            l2_s=s.l2_ttl_ms / 1000,
+            miss_ttl_s=(s.miss_marker_min_ms / 1000, s.miss_marker_max_ms / 1000),
+            complete_ms=s.complete_ms,
+        )
+        self.servicer = RegistryServicer(
+            s, self._gateway, self.replica, self._feed, self._checker, self._tiers, epoch
+        )
 
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -118,6 +141,8 @@ class Sidecar:
 
         await self._until_redis(self._feed.preload)
         self._feed.start()
+        self._checker.start()
+        self._tiers.start()
         self._expiry = asyncio.create_task(self._expire_loop(), name="expiry")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d nodes at version %d", len(self.replica), self.replica.version)
@@ -177,6 +202,10 @@ class Sidecar:
             self._expiry.cancel()
             await asyncio.gather(self._expiry, return_exceptions=True)
             self._expiry = None
+        for loop in (self._tiers, self._checker):
+            if loop is not None:
+                await loop.aclose()
+        self._tiers = self._checker = None
         if self._feed is not None:
             await self._feed.aclose()
             self._feed = None

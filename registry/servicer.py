@@ -19,7 +19,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from registry import convert, validation
-from registry.cache import Replica
+from registry.cache import Replica, for_pool
 from registry.changefeed import ChangeFeed
 from registry.config import Settings
 from registry.errors import (
@@ -34,9 +34,11 @@ from registry.errors import (
     Unimplemented,
 )
 from registry.gateway import Gateway
-from registry.model import Change, HeartbeatIn, HeartbeatOutcome, HeartbeatResult
+from registry.model import Change, EventType, HeartbeatIn, HeartbeatOutcome, HeartbeatResult
 from registry.scheduler import schedule
 from registry.selection import list_nodes, select
+from registry.tiers import Tiers
+from registry.versions import VersionChecker
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
 
@@ -98,13 +100,22 @@ def _mapped_stream(
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     def __init__(
-        self, settings: Settings, gateway: Gateway, replica: Replica, feed: ChangeFeed, epoch: str
+        self,
+        settings: Settings,
+        gateway: Gateway,
+        replica: Replica,
+        feed: ChangeFeed,
+        checker: VersionChecker,
+        tiers: Tiers,
+        epoch: str,
     ) -> None:
         self._s = settings
         self._weights = settings.weights()
         self._gateway = gateway
         self._replica = replica
         self._feed = feed
+        self._checker = checker
+        self._tiers = tiers
         self._epoch = epoch
         self._started = time.monotonic()
         self.heartbeat_streams = 0
@@ -273,7 +284,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def GetNode(self, request: pb.GetNodeRequest, context: Context) -> pb.GetNodeResponse:
         node_id = validation.check_id("node_id", request.node_id)
         self._require_ready()
-        node = self._replica.get(node_id)
+        node = await self._tiers.lookup(node_id)
         if node is None:
             raise NotFound(f"node {node_id!r} is not registered")
         return pb.GetNodeResponse(node=convert.node_to_pb(node), freshness=self._freshness())
@@ -320,10 +331,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         sub = replica.subscribe(pool_id)
         close = functools.partial(replica.end, sub)
         self._closers.add(close)
+        floor = replica.version
         try:
             backlog: list[Change] | None = None
             if since is not None:
                 backlog = replica.history_after(since, pool_id)
+                if backlog is None and since < floor:
+                    backlog = await self._log_backlog(since, floor, pool_id)
             if backlog is None:
                 floor = replica.version
                 nodes = list(replica.snapshot(pool_id))
@@ -340,7 +354,6 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     resume_token=self._token(floor),
                 )
             else:
-                floor = replica.version
                 for change in backlog:
                     yield convert.change_to_pb(change, self._token(change.version))
             async for event in self._live(sub, floor, pool_id):
@@ -348,6 +361,37 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         finally:
             self._closers.discard(close)
             replica.unsubscribe(sub)
+
+    async def _log_backlog(self, since: int, until: int, pool_id: str) -> list[Change] | None:
+        """Changes (since, until] from the Redis log, when the in-memory history is too
+        short but the log still covers the token; None when it does not (or Redis is
+        unreachable): then the watcher gets a snapshot.
+
+        With a pool filter, the pools a node had before each change are not in the log,
+        so a change leaving a node outside the pool is sent as a DELETE even if the
+        watcher never had that node (a DELETE of an unknown id is a no-op for it).
+        """
+        out: list[Change] = []
+        position = since
+        try:
+            while position < until:
+                read = await self._gateway.log.read(position, 1000)
+                for change in read.changes:
+                    if change.version > until:
+                        break
+                    if change.version != position + 1:
+                        return None
+                    position = change.version
+                    if change.type is EventType.POOL:
+                        continue
+                    seen = for_pool(change, frozenset({pool_id}), pool_id)
+                    if seen is not None:
+                        out.append(seen)
+                if not read.changes:
+                    return None
+        except Unavailable:
+            return None
+        return out
 
     async def _live(self, sub: Any, floor: int, pool_id: str) -> AsyncIterator[pb.WatchEvent]:
         """Queued changes after ``floor``; a BOOKMARK whenever the stream goes quiet."""
@@ -456,7 +500,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             mode="NORMAL" if self._feed.connected else "LOCAL_ONLY",
             version=r.version,
             node_count=len(r),
-            redis_version=self._feed.redis_version,
+            redis_version=max(self._feed.redis_version, self._checker.redis_version),
             staleness_ms=max(r.staleness_ms(), 0),
             ready=r.ready,
             epoch=self._epoch,
@@ -469,6 +513,15 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             redis_latency_p50_us=int(lat.percentile(0.5) * 1e6),
             redis_latency_p99_us=int(lat.percentile(0.99) * 1e6),
             pool_count=len(r.pools),
+            lag_versions=self._checker.lag_versions,
+            lag_ms=self._checker.lag_ms,
+            version_checks=self._checker.checks,
+            version_check_timeouts=self._checker.timeouts,
+            catchups=self._checker.catchups,
+            repairs=r.repairs,
+            revalidated=self._tiers.revalidated,
+            drift=self._tiers.drift,
+            miss_markers=len(r.misses),
         )
 
 

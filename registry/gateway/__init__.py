@@ -190,6 +190,8 @@ class Gateway:
     ) -> None:
         self.keys = Keys(namespace)
         self.url = url
+        self.client_name = f"registry:{namespace}:{secrets.token_hex(4)}"
+        """CLIENT SETNAME of this sidecar's connections, so an operator can find them."""
         self._timeout = timeout_s
         self._maxlen = log_maxlen
         self._eps = metrics_epsilon
@@ -204,6 +206,7 @@ class Gateway:
             retry_on_error=[RedisConnectionError],
             health_check_interval=0,
             max_connections=64,
+            client_name=self.client_name,
         )
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(body) for name, body in _load_scripts().items()
@@ -211,6 +214,8 @@ class Gateway:
         self._pending: list[tuple[HeartbeatIn, asyncio.Future[HeartbeatResult]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.latency = LatencyWindow()
+        self.log = LogReader(self.redis, self.keys, None, owned=False)
+        """Non-blocking reads of the change log on the shared pool (catch-up, resume)."""
 
     async def __aenter__(self) -> Gateway:
         return self
@@ -232,6 +237,7 @@ class Gateway:
             socket_timeout=self._timeout + block_ms / 1000,
             socket_connect_timeout=self._timeout,
             max_connections=2,
+            client_name=f"{self.client_name}:feed",
         )
         return LogReader(client, self.keys, block_ms)
 
@@ -429,21 +435,63 @@ class Gateway:
         try:
             version = int(_text(await self.redis.get(self.keys.version) or 0))
             members: set[Any] = await self.redis.smembers(self.keys.nodes)  # type: ignore[misc]
-            ids = sorted(_text(i) for i in members)
-            nodes: list[Node] = []
-            for start in range(0, len(ids), SNAPSHOT_BATCH):
-                chunk = ids[start : start + SNAPSHOT_BATCH]
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for node_id in chunk:
-                        pipe.hgetall(self.keys.node(node_id))
-                    rows = await pipe.execute()
-                for node_id, row in zip(chunk, rows, strict=True):
-                    if row:
-                        nodes.append(node_from_fields(node_id, _pairs(_flatten(row))))
+            nodes = await self._read_nodes(sorted(_text(i) for i in members))
             pools = await self._read_pools()
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis unavailable during snapshot: {exc}") from exc
         return Snapshot(version=version, nodes=nodes, pools=pools)
+
+    async def read_nodes(self, ids: Sequence[str]) -> list[Node]:
+        """The nodes of ``ids`` that exist, in pipelined batches."""
+        try:
+            return await self._read_nodes(ids)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+
+    async def _read_nodes(self, ids: Sequence[str]) -> list[Node]:
+        nodes: list[Node] = []
+        for start in range(0, len(ids), SNAPSHOT_BATCH):
+            chunk = ids[start : start + SNAPSHOT_BATCH]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in chunk:
+                    pipe.hgetall(self.keys.node(node_id))
+                rows = await pipe.execute()
+            for node_id, row in zip(chunk, rows, strict=True):
+                if row:
+                    nodes.append(node_from_fields(node_id, _pairs(_flatten(row))))
+        return nodes
+
+    async def node_versions(self, ids: Sequence[str] | None = None) -> tuple[int, dict[str, int]]:
+        """The registry version, then the version of each node (of ``ids``, or of all).
+
+        Cheap next to a snapshot (one small reply per node), so a replica can tell which
+        nodes changed and fetch only those. The registry version is read first: a node
+        changed after it shows a higher version, which only costs a needless fetch.
+        """
+        try:
+            version = int(_text(await self.redis.get(self.keys.version) or 0))
+            if ids is None:
+                members: set[Any] = await self.redis.smembers(self.keys.nodes)  # type: ignore[misc]
+                ids = sorted(_text(i) for i in members)
+            out: dict[str, int] = {}
+            for start in range(0, len(ids), SNAPSHOT_BATCH):
+                chunk = ids[start : start + SNAPSHOT_BATCH]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for node_id in chunk:
+                        pipe.hget(self.keys.node(node_id), "ver")
+                    rows = await pipe.execute()
+                for node_id, raw in zip(chunk, rows, strict=True):
+                    if raw is not None:
+                        out[node_id] = int(_text(raw))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+        return version, out
+
+    async def read_pools(self) -> list[Pool]:
+        try:
+            return await self._read_pools()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
 
     async def _read_pools(self) -> list[Pool]:
         members: set[Any] = await self.redis.smembers(self.keys.pools)  # type: ignore[misc]
@@ -478,18 +526,23 @@ class Gateway:
 class LogReader:
     """Tails the change log: entries after a version, blocking while there are none."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, block_ms: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, block_ms: int | None, *, owned: bool = True
+    ) -> None:
         self._client = client
         self._keys = keys
         self._block_ms = block_ms
+        self._owned = owned
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._owned:
+            await self._client.aclose()
 
     async def read(
         self, after: int, count: int, previous: Mapping[str, Node] | None = None
     ) -> LogRead:
-        """Entries with a version above ``after``; blocks up to the block time when none.
+        """Entries with a version above ``after``; blocks up to the block time (if any) when
+        there are none.
 
         ``previous`` lets unchanged node specs be reused instead of parsed again.
         """

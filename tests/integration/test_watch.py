@@ -65,9 +65,11 @@ async def test_resumed_watch_sees_exactly_what_a_continuous_one_saw(stub: Stub) 
     resumed.cancel()
 
 
-async def test_token_older_than_history_gets_a_snapshot(
+async def test_token_older_than_history_resumes_from_the_log_then_snapshots(
     sidecar_factory: SidecarFactory, shared_redis: RedisProcess, namespace: str
 ) -> None:
+    """Past the in-memory history the Redis log still serves a resume exactly; past the
+    log, the watcher gets a snapshot that equals Redis."""
     sc = await sidecar_factory(shared_redis.url, namespace, watch_history=4)
     async with grpc.aio.insecure_channel(sc.address) as channel:
         stub = Stub(channel)
@@ -75,15 +77,27 @@ async def test_token_older_than_history_gets_a_snapshot(
         call = stub.Watch(pb.WatchRequest())
         end = await read_until(call, lambda e: e.type == pb.WATCH_EVENT_TYPE_SNAPSHOT_END)
         old_token = end[-1].resume_token
+        seen = await read_until_version(call, churn(stub, 10), 12)
         call.cancel()
-        await churn(stub, 10)
         await eventually(lambda: sc.replica.version == 12)
+        assert sc.replica.history_after(2) is None, "history holds only the last 4 changes"
+        resumed = stub.Watch(pb.WatchRequest(resume_token=old_token))
+        replay = await read_until(resumed, lambda e: e.version == 12)
+        assert [key(e) for e in replay] == [key(e) for e in seen]
+        resumed.cancel()
+
+        shared_redis.client().xtrim(f"{{{namespace}}}:log", maxlen=1, approximate=False)
         call = stub.Watch(pb.WatchRequest(resume_token=old_token))
         events = await read_until(call, lambda e: e.type == pb.WATCH_EVENT_TYPE_SNAPSHOT_END)
         snapshot = {e.node.node_id: e.node for e in events[:-1]}
         assert all(e.type == pb.WATCH_EVENT_TYPE_SNAPSHOT for e in events[:-1])
         listed = await stub.ListNodes(pb.ListNodesRequest())
         assert snapshot == {n.node_id: n for n in listed.nodes}
+        client = shared_redis.client()
+        for node_id, node in snapshot.items():
+            stored = client.hgetall(f"{{{namespace}}}:node:{node_id}")
+            assert int(stored[b"ver"]) == node.version
+            assert int(stored[b"capacity"]) == node.capacity
         assert events[-1].version == 12
         # A token from another data set (another epoch) also gets a snapshot.
         foreign = stub.Watch(pb.WatchRequest(resume_token="0123456789abcdef:5"))
@@ -91,6 +105,13 @@ async def test_token_older_than_history_gets_a_snapshot(
         assert first.type == pb.WATCH_EVENT_TYPE_SNAPSHOT
         call.cancel()
         foreign.cancel()
+
+
+async def read_until_version(call: object, work: object, version: int) -> list[pb.WatchEvent]:
+    """Run ``work`` while collecting the call's events up to ``version``."""
+    reader = asyncio.ensure_future(read_until(call, lambda e: e.version == version))
+    await work  # type: ignore[misc]
+    return await reader
 
 
 async def test_pool_watch_gets_delete_when_a_node_leaves_the_pool(stub: Stub) -> None:

@@ -1168,6 +1168,15 @@ class GetStatusResponse(google.protobuf.message.Message):
     REDIS_LATENCY_P50_US_FIELD_NUMBER: builtins.int
     REDIS_LATENCY_P99_US_FIELD_NUMBER: builtins.int
     POOL_COUNT_FIELD_NUMBER: builtins.int
+    LAG_VERSIONS_FIELD_NUMBER: builtins.int
+    LAG_MS_FIELD_NUMBER: builtins.int
+    VERSION_CHECKS_FIELD_NUMBER: builtins.int
+    VERSION_CHECK_TIMEOUTS_FIELD_NUMBER: builtins.int
+    CATCHUPS_FIELD_NUMBER: builtins.int
+    REPAIRS_FIELD_NUMBER: builtins.int
+    REVALIDATED_FIELD_NUMBER: builtins.int
+    DRIFT_FIELD_NUMBER: builtins.int
+    MISS_MARKERS_FIELD_NUMBER: builtins.int
     mode: builtins.str
     """NORMAL, L2_ONLY or LOCAL_ONLY."""
     version: builtins.int
@@ -1195,6 +1204,23 @@ class GetStatusResponse(google.protobuf.message.Message):
     """Median and p99 Redis round trip of recent calls, microseconds."""
     redis_latency_p99_us: builtins.int
     pool_count: builtins.int
+    lag_versions: builtins.int
+    """Versions the replica was behind Redis at the last version check."""
+    lag_ms: builtins.int
+    """How long the replica has been behind Redis, in milliseconds (0 in step)."""
+    version_checks: builtins.int
+    version_check_timeouts: builtins.int
+    """Version checks that did not answer within their timeout."""
+    catchups: builtins.int
+    """Catch-ups the version checker started (the feed had not delivered in time)."""
+    repairs: builtins.int
+    """Repairs: the log lost entries, so only the changed nodes were fetched."""
+    revalidated: builtins.int
+    """Entries revalidated against Redis after their L1 TTL."""
+    drift: builtins.int
+    """Entries found to disagree with Redis when revalidated (expected: 0)."""
+    miss_markers: builtins.int
+    """Unknown ids currently remembered as misses."""
     def __init__(
         self,
         *,
@@ -1214,7 +1240,16 @@ class GetStatusResponse(google.protobuf.message.Message):
         redis_latency_p50_us: builtins.int = ...,
         redis_latency_p99_us: builtins.int = ...,
         pool_count: builtins.int = ...,
+        lag_versions: builtins.int = ...,
+        lag_ms: builtins.int = ...,
+        version_checks: builtins.int = ...,
+        version_check_timeouts: builtins.int = ...,
+        catchups: builtins.int = ...,
+        repairs: builtins.int = ...,
+        revalidated: builtins.int = ...,
+        drift: builtins.int = ...,
+        miss_markers: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["epoch", b"epoch", "events_applied", b"events_applied", "heartbeat_streams", b"heartbeat_streams", "mode", b"mode", "namespace", b"namespace", "node_count", b"node_count", "pool_count", b"pool_count", "ready", b"ready", "redis_latency_p50_us", b"redis_latency_p50_us", "redis_latency_p99_us", b"redis_latency_p99_us", "redis_version", b"redis_version", "reloads", b"reloads", "staleness_ms", b"staleness_ms", "uptime_ms", b"uptime_ms", "version", b"version", "watchers", b"watchers"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["catchups", b"catchups", "drift", b"drift", "epoch", b"epoch", "events_applied", b"events_applied", "heartbeat_streams", b"heartbeat_streams", "lag_ms", b"lag_ms", "lag_versions", b"lag_versions", "miss_markers", b"miss_markers", "mode", b"mode", "namespace", b"namespace", "node_count", b"node_count", "pool_count", b"pool_count", "ready", b"ready", "redis_latency_p50_us", b"redis_latency_p50_us", "redis_latency_p99_us", b"redis_latency_p99_us", "redis_version", b"redis_version", "reloads", b"reloads", "repairs", b"repairs", "revalidated", b"revalidated", "staleness_ms", b"staleness_ms", "uptime_ms", b"uptime_ms", "version", b"version", "version_check_timeouts", b"version_check_timeouts", "version_checks", b"version_checks", "watchers", b"watchers"]) -> None: ...
 
 Global___GetStatusResponse: typing_extensions.TypeAlias = GetStatusResponse
