@@ -28,6 +28,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--material", type=float, help="fraction of material heartbeats (0.05)")
     p.add_argument("--nodes", type=int, help="fleet size for select (default 10000)")
     p.add_argument(
+        "--repeat", type=int, help="repetitions per phase, echo and sidecar alternating (3)"
+    )
+    p.add_argument(
         "--profile",
         metavar="DIR",
         help="cProfile the sidecar during its load phases, write .prof files to DIR and print "
@@ -39,8 +42,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan]:
     hp, sp = hb.Plan(), sel.Plan()
     if args.quick:
-        hp = dataclasses.replace(hp, warmup_s=0.5, duration_s=3.0, single_duration_s=2.0)
-        sp = dataclasses.replace(sp, calls=500, inproc_budget_s=1.0, warmup_s=0.3, duration_s=1.5)
+        hp = dataclasses.replace(hp, warmup_s=0.5, duration_s=3.0, single_duration_s=2.0, repeat=1)
+        sp = dataclasses.replace(
+            sp, calls=500, inproc_budget_s=1.0, warmup_s=0.3, duration_s=1.5, repeat=1
+        )
     if args.duration is not None:
         d = args.duration
         hp = dataclasses.replace(hp, warmup_s=min(hp.warmup_s, d / 2), duration_s=d,
@@ -55,6 +60,9 @@ def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan]:
         material=hp.material if args.material is None else args.material,
     )
     sp = dataclasses.replace(sp, nodes=args.nodes or sp.nodes)
+    if args.repeat:
+        hp = dataclasses.replace(hp, repeat=args.repeat)
+        sp = dataclasses.replace(sp, repeat=args.repeat)
     return hp, sp
 
 

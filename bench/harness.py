@@ -78,24 +78,75 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores, /proc/stat), since boot:
+    user + nice + system + irq + softirq (idle, iowait, steal and guest excluded)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
 class CpuMeter:
-    """CPU cores used by some processes between ``start`` and ``stop``."""
+    """CPU cores used by some processes between ``start`` and ``stop``, and by the whole
+    machine (``machine``), so a busy neighbour shows up next to the figures it skews."""
 
     def __init__(self, pids: Mapping[str, int | None]) -> None:
         self._pids = {name: pid for name, pid in pids.items() if pid}
         self._t0 = 0.0
         self._cpu0: dict[str, float] = {}
+        self._busy0 = 0.0
 
     def start(self) -> None:
         self._t0 = time.monotonic()
         self._cpu0 = {name: cpu_seconds(pid) for name, pid in self._pids.items()}
+        self._busy0 = machine_busy_seconds()
 
     def stop(self) -> dict[str, float]:
         wall = max(time.monotonic() - self._t0, 1e-9)
-        return {
+        out = {
             name: round((cpu_seconds(pid) - self._cpu0[name]) / wall, 3)
             for name, pid in self._pids.items()
         }
+        out["machine"] = round((machine_busy_seconds() - self._busy0) / wall, 3)
+        return out
+
+
+def median_run(runs: Sequence[Result], *key: str) -> Result:
+    """The repetition whose ``key`` figure is the median (the lower one for an even count),
+    with every repetition's figure under ``repetitions``."""
+
+    def figure(run: Result) -> float:
+        value: Any = run
+        for part in key:
+            value = value[part]
+        return float(value)
+
+    ordered = sorted(runs, key=figure)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["repetitions"] = [figure(r) for r in runs]
+    return chosen
+
+
+NOISE_CORES = 0.25
+"""Above this many cores used by other processes in a measured window, a report warns."""
+
+
+def noise_warning(phases: Sequence[Mapping[str, Any]]) -> str:
+    """A warning when a reported (median) run shared the machine with a busy neighbour."""
+    worst = max((p["cores"].get("others", 0.0) for p in phases), default=0.0)
+    if worst <= NOISE_CORES:
+        return ""
+    return (
+        f"WARNING: other processes used up to {worst:.2f} cores during measured windows; "
+        "these figures are skewed, run again on a quiet machine\n"
+    )
+
+
+def others(cores: Mapping[str, float]) -> float:
+    """Cores the machine spent on processes outside the benchmark (noise)."""
+    ours = sum(v for k, v in cores.items() if k not in ("machine", "others"))
+    return round(max(cores.get("machine", 0.0) - ours, 0.0), 3)
 
 
 def machine() -> dict[str, Any]:

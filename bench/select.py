@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -70,9 +71,11 @@ class Plan:
     nodes: int = 10_000
     calls: int = 3_000
     inproc_budget_s: float = 3.0
-    warmup_s: float = 1.0
-    duration_s: float = 5.0
+    warmup_s: float = 0.5
+    duration_s: float = 4.0
     concurrency: tuple[int, ...] = (1, 4)
+    repeat: int = 3
+    """Each end-to-end run repeats this often, sidecar and echo alternating; medians count."""
     seed: int = 7
 
 
@@ -192,13 +195,15 @@ def in_process(replica: Replica, plan: Plan) -> Result:
             for _ in range(20):
                 fn()
             gc.collect()
+            meter = harness.CpuMeter({"bench": os.getpid()})
+            meter.start()
             samples: list[float] = []
             stop = time.perf_counter() + plan.inproc_budget_s
             while len(samples) < plan.calls and (len(samples) < 50 or time.perf_counter() < stop):
                 t0 = time.perf_counter()
                 fn()
                 samples.append(time.perf_counter() - t0)
-            row[kind] = harness.latency_summary(samples)
+            row[kind] = {**harness.latency_summary(samples), "others": harness.others(meter.stop())}
         row["eligible"] = select(replica, sel).breakdown.eligible
         row["candidates"] = len(list(replica.candidates(sel.pool_id, sel.lang_pair)))
         out[name] = row
@@ -250,41 +255,42 @@ async def call_select(
 
 
 def _e2e(
-    workers: LoadWorkers, server: ServerProcess, others: dict[str, int | None], plan: Plan
+    workers: LoadWorkers,
+    server: ServerProcess,
+    others: dict[str, int | None],
+    plan: Plan,
+    name: str,
+    conc: int,
 ) -> Result:
-    out: Result = {}
-    for name, req in SELECTORS.items():
-        for conc in plan.concurrency:
-            meter = harness.CpuMeter({"server": server.pid, **others})
-            cores: dict[str, float] = {}
+    meter = harness.CpuMeter({"server": server.pid, **others})
+    cores: dict[str, float] = {}
 
-            def during(
-                go_at: float, meter: harness.CpuMeter = meter, cores: dict[str, float] = cores
-            ) -> None:
-                time.sleep(max(go_at + plan.warmup_s - time.monotonic(), 0))
-                meter.start()
-                time.sleep(plan.duration_s)
-                cores.update(meter.stop())
+    def during(go_at: float) -> None:
+        time.sleep(max(go_at + plan.warmup_s - time.monotonic(), 0))
+        meter.start()
+        time.sleep(plan.duration_s)
+        cores.update(meter.stop())
 
-            job = {
-                "address": server.address,
-                "request": req.SerializeToString(),
-                "concurrency": conc,
-                "warmup_s": plan.warmup_s,
-                "duration_s": plan.duration_s,
-            }
-            (res,) = workers.run(
-                call_select, [job], timeout_s=plan.warmup_s + plan.duration_s + 60, during=during
-            )
-            lat = harness.latency_summary(res["latencies"])
-            out[f"{name} x{conc}"] = {
-                "selector": name,
-                "callers": conc,
-                "calls_per_s": lat["n"] / plan.duration_s,
-                "latency": lat,
-                "cores": {**cores, "client": round(res["client_cores"], 3)},
-            }
-    return out
+    job = {
+        "address": server.address,
+        "request": SELECTORS[name].SerializeToString(),
+        "concurrency": conc,
+        "warmup_s": plan.warmup_s,
+        "duration_s": plan.duration_s,
+    }
+    (res,) = workers.run(
+        call_select, [job], timeout_s=plan.warmup_s + plan.duration_s + 60, during=during
+    )
+    lat = harness.latency_summary(res["latencies"])
+    cores["client"] = round(res["client_cores"], 3)
+    cores["others"] = harness.others(cores)
+    return {
+        "selector": name,
+        "callers": conc,
+        "calls_per_s": lat["n"] / plan.duration_s,
+        "latency": lat,
+        "cores": cores,
+    }
 
 
 def _capture(address: str) -> dict[bytes, bytes]:
@@ -319,17 +325,31 @@ def run(plan: Plan, *, profile_dir: str | None = None) -> Result:
                 name: len(canned[req.SerializeToString(deterministic=True)])
                 for name, req in SELECTORS.items()
             }
-            if profile_dir:
-                sidecar.command("profile-on")
-            result["sidecar"] = _e2e(workers, sidecar, {"redis": redis_proc.pid}, plan)
-            if profile_dir:
-                path = f"{profile_dir}/sidecar-select.prof"
-                sidecar.command("profile-off", path)
-                result["profile"] = path
+            with ServerProcess(ServerSpec("echo", {"canned": canned})) as echo:
+                runs: dict[str, dict[str, list[Result]]] = {"sidecar": {}, "echo": {}}
+                others = {"redis": redis_proc.pid}
+                for rep in range(plan.repeat):
+                    if rep == 0 and profile_dir:
+                        sidecar.command("profile-on")
+                    for name in SELECTORS:
+                        for conc in plan.concurrency:
+                            key = f"{name} x{conc}"
+                            runs["sidecar"].setdefault(key, []).append(
+                                _e2e(workers, sidecar, others, plan, name, conc)
+                            )
+                            runs["echo"].setdefault(key, []).append(
+                                _e2e(workers, echo, {}, plan, name, conc)
+                            )
+                    if rep == 0 and profile_dir:
+                        path = f"{profile_dir}/sidecar-select.prof"
+                        sidecar.command("profile-off", path)
+                        result["profile"] = path
+                rss_echo = harness.rss_mb(echo.pid)
             rss_after = harness.rss_mb(sidecar.pid)
-        with ServerProcess(ServerSpec("echo", {"canned": canned})) as echo:
-            result["echo"] = _e2e(workers, echo, {}, plan)
-            rss_echo = harness.rss_mb(echo.pid)
+        for side, by_key in runs.items():
+            result[side] = {
+                key: harness.median_run(phases, "calls_per_s") for key, phases in by_key.items()
+            }
     result["rss_mb"] = {
         "sidecar_loaded": rss_loaded,
         "sidecar_after_load": rss_after,
@@ -379,11 +399,13 @@ def report(r: Result) -> str:
             sc["selector"], sc["callers"], sc["calls_per_s"], sc["latency"]["p50_ms"],
             sc["latency"]["p99_ms"], ec["calls_per_s"], ec["latency"]["p50_ms"],
             ec["latency"]["p99_ms"], r["ratio"][key], sc["cores"].get("server", 0),
+            max(sc["cores"].get("others", 0), ec["cores"].get("others", 0)),
+            " ".join(f"{v:.0f}" for v in sc["repetitions"]),
         ])  # fmt: skip
     out += "\n" + harness.table(
         "SelectNodes end to end over gRPC (sidecar vs echo with a same-size canned response)",
         ["selector", "callers", "sc calls/s", "sc p50", "sc p99", "echo calls/s", "echo p50",
-         "echo p99", "ratio", "sc cores"],
+         "echo p99", "ratio", "sc cores", "others", "sc calls/s of each"],
         rows,
     )  # fmt: skip
     t = r["targets"]
@@ -395,4 +417,9 @@ def report(r: Result) -> str:
         f"end-to-end p99 < 5 ms {'met' if t['end_to_end_p99<5ms'] else 'NOT met'}; "
         f"RSS < 100 MB {'met' if t['rss<100MB'] else 'NOT met'}\n"
     )
-    return out
+    inproc = [
+        {"cores": {"others": row[kind]["others"]}}
+        for row in r["in_process"].values()
+        for kind in ("select", "handler")
+    ]
+    return out + harness.noise_warning([*inproc, *r["sidecar"].values(), *r["echo"].values()])
