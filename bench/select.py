@@ -35,7 +35,6 @@ from bench.harness import Gate, LoadWorkers, Result, ServerProcess, ServerSpec
 from registry import convert, validation
 from registry.cache import Replica
 from registry.gateway import Gateway
-from registry.health import health_score
 from registry.model import HeartbeatIn, InstalledService, LanguagePair, Metrics, NodeSpec
 from registry.selection import select
 from registry_client.v1 import registry_pb2 as pb
@@ -126,7 +125,7 @@ async def load_fleet(url: str, plan: Plan) -> Result:
         t0 = time.perf_counter()
         await asyncio.gather(*(register(spec) for spec, _ in nodes))
         register_s = time.perf_counter() - t0
-        beats = [HeartbeatIn(s.node_id, m, health_score(m)) for s, m in nodes]
+        beats = [HeartbeatIn(s.node_id, m) for s, m in nodes]
         t1 = time.perf_counter()
         await asyncio.gather(*(gw.heartbeat(hb) for hb in beats))
         heartbeat_s = time.perf_counter() - t1

@@ -189,8 +189,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     except RegistryError as exc:
                         failure.append(exc)
                         return
-                    fut = asyncio.ensure_future(self._gateway.heartbeat(beat))
-                    await pending.put((req.seq, fut))
+                    await pending.put((req.seq, self._gateway.submit_heartbeat(beat)))
             finally:
                 await pending.put(None)
 

@@ -79,28 +79,34 @@ class VersionChecker:
 
     async def check(self) -> None:
         self.checks += 1
+        replica = self._replica
         sent = time.monotonic()
+        # The replica's version when the check is sent: Redis's answer is read later, so
+        # it can only be at or above this one, unless Redis lost data. (The feed goes on
+        # applying while the check is in flight; comparing with the replica's version
+        # after the answer would see Redis "behind" whenever the feed is quick.)
+        had = replica.version
         try:
             version = await asyncio.wait_for(self._gateway.version(), self._timeout)
         except TimeoutError:
             self.timeouts += 1
             return
         self.redis_version = version
-        replica = self._replica
-        lag = version - replica.version
-        self.lag_versions = max(lag, 0)
-        if lag == 0:
-            self._behind_since = None
-            replica.synced_at = max(replica.synced_at, sent)
-            return
-        if lag < 0:
+        if version < had:
             log.warning(
                 "Redis is at version %d, behind this replica's %d: it lost data; reloading",
                 version,
-                replica.version,
+                had,
             )
             self._behind_since = None
             await self._feed.reload()
+            return
+        lag = version - replica.version
+        self.lag_versions = max(lag, 0)
+        if lag <= 0:
+            # In step (or the feed applied more while the check was in flight).
+            self._behind_since = None
+            replica.synced_at = max(replica.synced_at, sent)
             return
         if self._behind_since is None:
             self._behind_since = sent

@@ -290,17 +290,21 @@ class Gateway:
         )
         return node_from_fields(spec.node_id, _pairs(flat)), bool(changed)
 
-    async def heartbeat(self, hb: HeartbeatIn) -> HeartbeatResult:
+    def submit_heartbeat(self, hb: HeartbeatIn) -> asyncio.Future[HeartbeatResult]:
         """Queue a heartbeat; concurrent heartbeats share one script call.
 
         While one batch is in flight, the next one collects, so the batch size follows
-        the load without adding a timer delay to a lone heartbeat.
+        the load without adding a timer delay to a lone heartbeat. Returns a plain
+        future (no task per heartbeat: this is the hottest path of the sidecar).
         """
         future: asyncio.Future[HeartbeatResult] = asyncio.get_running_loop().create_future()
         self._pending.append((hb, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flush")
-        return await future
+        return future
+
+    async def heartbeat(self, hb: HeartbeatIn) -> HeartbeatResult:
+        return await self.submit_heartbeat(hb)
 
     async def _flush_heartbeats(self) -> None:
         while self._pending:
@@ -320,12 +324,13 @@ class Gateway:
     async def _heartbeat_batch(self, beats: Sequence[HeartbeatIn]) -> list[HeartbeatResult]:
         k = self.keys
         keys = [k.version, k.log, k.expiry, k.leases, k.jobnode]
-        args: list[Any] = [self._maxlen, self._eps, *self._weights, self._grace]
+        args: list[Any] = [self._maxlen, self._eps, *self._weights, self._grace, k.prefix]
         for hb in beats:
-            keys += [k.node(hb.node_id), k.jobs(hb.node_id)]
             m = hb.metrics
             jobs = "-" if hb.running_job_ids is None else "+" + ",".join(hb.running_job_ids)
-            args += [hb.node_id, m.cpu, m.gpu, m.mem, m.load, m.error_rate, jobs]
+            args.append(
+                f"{hb.node_id}|{m.cpu!r}|{m.gpu!r}|{m.mem!r}|{m.load!r}|{m.error_rate!r}|{jobs}"
+            )
         rows = await self._call("heartbeat", keys, args)
         out = []
         for outcome, version, status, deadline, changed, ttl, released in rows:

@@ -1,11 +1,13 @@
 -- heartbeat: record liveness, metrics and (optionally) running jobs for one or more
 -- nodes in one call.
--- KEYS: 1 version, 2 log, 3 expiry zset, 4 leases zset, 5 job-node hash,
---       then 2 per heartbeat: node hash, jobs hash
+-- KEYS: 1 version, 2 log, 3 expiry zset, 4 leases zset, 5 job-node hash
 -- ARGV: 1 log maxlen, 2 metrics epsilon, 3-8 health weights (cpu, gpu, mem, load,
---       heartbeat delay, error rate), 9 reconciliation grace ms,
---       then 7 per heartbeat, in KEYS order: node_id, cpu, gpu, mem, load, error_rate,
---       jobs ("-" when the node reports none, else "+" then comma-separated job ids)
+--       heartbeat delay, error rate), 9 reconciliation grace ms, 10 key prefix ("{ns}:"),
+--       then one packed string per heartbeat: "node_id|cpu|gpu|mem|load|error_rate|jobs"
+--       with jobs "-" when the node reports none, else "+" then comma-separated job ids.
+--       (One argument per heartbeat keeps the client's encoding cost per batch low; ids
+--       cannot contain "|" or ",".) Node and jobs keys are built from the prefix: they
+--       carry the same hash tag as KEYS, so the script stays within one cluster slot.
 -- Returns: one {outcome, node version, status, deadline_ms, changed, ttl_ms,
 --          {released job ids}} per heartbeat; outcome 1 = recorded, 0 = unknown node,
 --          2 = node is OFFLINE (it must register again).
@@ -29,6 +31,7 @@ local w = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARG
   tonumber(ARGV[7]), tonumber(ARGV[8])}
 local wsum = w[1] + w[2] + w[3] + w[4] + w[5] + w[6]
 local grace = tonumber(ARGV[9])
+local prefix = ARGV[10]
 local now = now_ms()
 local names = {'cpu', 'gpu', 'mem', 'load', 'delay', 'err'}
 local out = {}
@@ -61,10 +64,10 @@ local function reconcile(node_id, jobs_key, report)
   return released
 end
 
-for i = 1, (#KEYS - 5) / 2 do
-  local node_key, jobs_key = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
-  local a = 10 + (i - 1) * 7
-  local node_id = ARGV[a]
+for i = 11, #ARGV do
+  local node_id, cpu, gpu, mem, load, err, report = string.match(ARGV[i],
+    '^([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|(.*)$')
+  local node_key, jobs_key = prefix .. 'node:' .. node_id, prefix .. 'jobs:' .. node_id
   local cur = redis.call('HMGET', node_key, 'status', 'ttl', 'ver', 'hb_at',
     'cpu', 'gpu', 'mem', 'load', 'delay', 'err')
   if not cur[1] then
@@ -77,8 +80,8 @@ for i = 1, (#KEYS - 5) / 2 do
     local late = now - tonumber(cur[4]) - interval
     local delay = 0
     if late > 0 then delay = math.min(math.floor(late / interval * 1000 + 0.5) / 1000, 1) end
-    local m = {tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
-      tonumber(ARGV[a + 4]), delay, tonumber(ARGV[a + 5])}
+    local m = {tonumber(cpu), tonumber(gpu), tonumber(mem), tonumber(load), delay,
+      tonumber(err)}
     local deadline = now + ttl
     redis.call('ZADD', expiry_key, deadline, node_id)
     local material = false
@@ -86,7 +89,6 @@ for i = 1, (#KEYS - 5) / 2 do
       if math.abs(m[j] - tonumber(cur[4 + j] or 0)) >= eps then material = true end
     end
     local released = {}
-    local report = ARGV[a + 6]
     if string.sub(report, 1, 1) == '+' then
       released = reconcile(node_id, jobs_key, report)
       if #released > 0 then
