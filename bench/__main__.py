@@ -1,4 +1,5 @@
-"""``python -m bench [heartbeat|select|all] [--quick] [--json PATH]`` (or ``make bench``)."""
+"""``python -m bench [heartbeat|select|schedule|propagation|etcd|all] [--quick] [--json PATH]``
+(or ``make bench``)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,19 @@ import tempfile
 import time
 from typing import Any
 
+from bench import etcd as etcd_bench
 from bench import harness
 from bench import heartbeat as hb
+from bench import propagation as prop
+from bench import schedule as sched
 from bench import select as sel
+
+PHASES = ["heartbeat", "select", "schedule", "propagation", "etcd", "all"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("which", nargs="?", default="all", choices=["heartbeat", "select", "all"])
+    p.add_argument("which", nargs="?", default="all", choices=PHASES)
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds per phase")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--duration", type=float, help="seconds per measured phase (overrides)")
@@ -26,7 +32,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, help="heartbeats in flight per stream (default 8)")
     p.add_argument("--channels", type=int, help="client connections for the streams (8)")
     p.add_argument("--material", type=float, help="fraction of material heartbeats (0.05)")
-    p.add_argument("--nodes", type=int, help="fleet size for select (default 10000)")
+    p.add_argument("--nodes", type=int, help="fleet size for select and schedule (10000)")
+    p.add_argument("--changes", type=int, help="changes per propagation run (default 1000)")
+    p.add_argument(
+        "--skip-etcd", action="store_true", help="leave the etcd comparison out of `all`"
+    )
     p.add_argument(
         "--repeat", type=int, help="repetitions per phase, echo and sidecar alternating (3)"
     )
@@ -39,9 +49,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan]:
-    hp, sp = hb.Plan(), sel.Plan()
+def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan, sched.Plan, prop.Plan]:
+    hp, sp, cp, pp = hb.Plan(), sel.Plan(), sched.Plan(), prop.Plan()
     if args.quick:
+        cp = dataclasses.replace(cp, warmup_s=0.3, duration_s=1.5, repeat=1)
+        pp = dataclasses.replace(pp, changes=200, repeat=1)
         hp = dataclasses.replace(hp, warmup_s=0.5, duration_s=3.0, single_duration_s=2.0, repeat=1)
         sp = dataclasses.replace(
             sp, calls=500, inproc_budget_s=1.0, warmup_s=0.3, duration_s=1.5, repeat=1
@@ -52,6 +64,7 @@ def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan]:
                                  single_duration_s=d)  # fmt: skip
         sp = dataclasses.replace(sp, warmup_s=min(sp.warmup_s, d / 2), duration_s=d,
                                  inproc_budget_s=d)  # fmt: skip
+        cp = dataclasses.replace(cp, warmup_s=min(cp.warmup_s, d / 2), duration_s=d)
     hp = dataclasses.replace(
         hp,
         streams=args.streams or hp.streams,
@@ -60,15 +73,19 @@ def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan]:
         material=hp.material if args.material is None else args.material,
     )
     sp = dataclasses.replace(sp, nodes=args.nodes or sp.nodes)
+    cp = dataclasses.replace(cp, nodes=args.nodes or cp.nodes)
+    pp = dataclasses.replace(pp, changes=args.changes or pp.changes)
     if args.repeat:
         hp = dataclasses.replace(hp, repeat=args.repeat)
         sp = dataclasses.replace(sp, repeat=args.repeat)
-    return hp, sp
+        cp = dataclasses.replace(cp, repeat=args.repeat)
+        pp = dataclasses.replace(pp, repeat=args.repeat)
+    return hp, sp, cp, pp
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    hp, sp = plans(args)
+    hp, sp, cp, pp = plans(args)
     profile_dir = args.profile
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
@@ -93,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         out["select"] = sel.run(sp, profile_dir=profile_dir)
         print(sel.report(out["select"]), flush=True)
         _print_profile(out["select"])
+    if args.which in ("schedule", "all"):
+        out["schedule"] = sched.run(cp, profile_dir=profile_dir)
+        print(sched.report(out["schedule"]), flush=True)
+        _print_profile(out["schedule"])
+    if args.which in ("propagation", "all"):
+        out["propagation"] = prop.run(pp)
+        print(prop.report(out["propagation"]), flush=True)
+    if args.which == "etcd" or (args.which == "all" and not args.skip_etcd):
+        out["etcd"] = etcd_bench.run(hp, pp)
+        print(etcd_bench.report(out["etcd"]), flush=True)
     out["elapsed_s"] = round(time.monotonic() - started, 1)
     print(f"done in {out['elapsed_s']} s")
     if args.json:

@@ -1,11 +1,12 @@
 """The baseline: a bare grpc.aio server that does no registry work at all.
 
-It serves ``registry.v1.RegistryService/Heartbeat`` and ``/SelectNodes`` with the very
-message types the sidecar uses (so the same client stub drives both), through
-``grpc.method_handlers_generic_handler``. A heartbeat is answered with a response of the
-sidecar's shape carrying the same seq; a SelectNodes request gets a canned response
-captured from a real sidecar, so both sides serialize a message of the same size. What
-the sidecar does beyond this is the registry's own work.
+It serves ``registry.v1.RegistryService/Heartbeat``, ``/SelectNodes`` and ``/Schedule``
+with the very message types the sidecar uses (so the same client stub drives both),
+through ``grpc.method_handlers_generic_handler``. A heartbeat is answered with a response
+of the sidecar's shape carrying the same seq; a SelectNodes request gets a canned response
+captured from a real sidecar, so both sides serialize a message of the same size; a
+Schedule request (whatever its job id) gets one canned ScheduleResponse captured the same
+way. What the sidecar does beyond this is the registry's own work.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ SERVER_OPTIONS = [
 """The sidecar's own server options, so transport settings do not differ."""
 
 
-def handler(canned: Mapping[bytes, bytes]) -> grpc.GenericRpcHandler[Any, Any]:
-    """Heartbeat echo and canned SelectNodes, keyed by the serialized request."""
+def handler(
+    canned: Mapping[bytes, bytes], schedule: bytes = b""
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """Heartbeat echo, canned SelectNodes (keyed by the serialized request) and one canned
+    ScheduleResponse for every Schedule request."""
     responses = {key: pb.SelectNodesResponse.FromString(raw) for key, raw in canned.items()}
     empty = pb.SelectNodesResponse()
+    scheduled = pb.ScheduleResponse.FromString(schedule)
 
     async def heartbeat(
         requests: AsyncIterator[pb.HeartbeatRequest], context: Any
@@ -52,6 +57,9 @@ def handler(canned: Mapping[bytes, bytes]) -> grpc.GenericRpcHandler[Any, Any]:
     async def select_nodes(request: pb.SelectNodesRequest, context: Any) -> pb.SelectNodesResponse:
         return responses.get(request.SerializeToString(deterministic=True), empty)
 
+    async def schedule_job(request: pb.ScheduleRequest, context: Any) -> pb.ScheduleResponse:
+        return scheduled
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -65,15 +73,22 @@ def handler(canned: Mapping[bytes, bytes]) -> grpc.GenericRpcHandler[Any, Any]:
                 request_deserializer=pb.SelectNodesRequest.FromString,
                 response_serializer=pb.SelectNodesResponse.SerializeToString,
             ),
+            "Schedule": grpc.unary_unary_rpc_method_handler(
+                schedule_job,
+                request_deserializer=pb.ScheduleRequest.FromString,
+                response_serializer=pb.ScheduleResponse.SerializeToString,
+            ),
         },
     )
 
 
 @contextlib.asynccontextmanager
-async def serving(canned: Mapping[bytes, bytes] | None = None) -> AsyncIterator[str]:
+async def serving(
+    canned: Mapping[bytes, bytes] | None = None, schedule: bytes = b""
+) -> AsyncIterator[str]:
     """Serve on a free loopback port; yields ``host:port``."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((handler(canned or {}),))
+    server.add_generic_rpc_handlers((handler(canned or {}, schedule),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

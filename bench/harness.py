@@ -308,7 +308,8 @@ async def _server(spec: ServerSpec) -> AsyncIterator[str]:
     if spec.kind == "echo":
         from bench.echo import serving
 
-        async with serving(spec.params.get("canned", {})) as address:
+        params = spec.params
+        async with serving(params.get("canned", {}), params.get("schedule", b"")) as address:
             yield address
     elif spec.kind == "sidecar":
         from registry.config import Settings

@@ -20,6 +20,7 @@ its start-up time includes the preload of every node.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import os
@@ -110,9 +111,17 @@ def fleet(n: int, seed: int) -> list[tuple[NodeSpec, Metrics]]:
     return out
 
 
-async def load_fleet(url: str, plan: Plan) -> Result:
-    """Write the fleet through the gateway: register, heartbeat, drain, reserve."""
+async def load_fleet(
+    url: str, plan: Plan, *, capacity: int | None = None, reserve_jobs: bool = True
+) -> Result:
+    """Write the fleet through the gateway: register, heartbeat, drain, reserve.
+
+    ``capacity`` overrides every node's capacity; ``reserve_jobs=False`` leaves every node
+    without reservations (no full or busy nodes; 2 % are still drained).
+    """
     nodes = fleet(plan.nodes, plan.seed)
+    if capacity is not None:
+        nodes = [(dataclasses.replace(spec, capacity=capacity), m) for spec, m in nodes]
     rng = random.Random(plan.seed + 1)
     limit = asyncio.Semaphore(64)
     async with Gateway(url, NAMESPACE) as gw:
@@ -141,6 +150,8 @@ async def load_fleet(url: str, plan: Plan) -> Result:
         full = specs[len(drained) : len(drained) + plan.nodes // 100]
         busy = specs[len(drained) + len(full) : len(drained) + len(full) + plan.nodes // 10]
         await asyncio.gather(*(gw.drain(s.node_id) for s in drained))
+        if not reserve_jobs:
+            full, busy = [], []
         await asyncio.gather(
             *(reserve(s, s.capacity) for s in full), *(reserve(s, 1) for s in busy)
         )

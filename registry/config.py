@@ -51,7 +51,8 @@ class Settings:
     miss_marker_max_ms: int = 10_000
     """Longest life of a miss marker."""
     complete_ms: int = 1_000
-    """A replica in sync within this long answers an unknown id NOT_FOUND without Redis."""
+    """A replica in sync within this long answers an unknown id NOT_FOUND without Redis
+    (0: never; every unknown id is looked up, behind its miss marker)."""
     version_check_interval_ms: int = 100
     """How often the version checker compares the replica's version with Redis's."""
     version_check_timeout_ms: int = 50
@@ -110,12 +111,13 @@ class Settings:
             "l1_ttl_ms",
             "l2_ttl_ms",
             "miss_marker_min_ms",
-            "complete_ms",
             "version_check_interval_ms",
             "version_check_timeout_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.complete_ms < 0:
+            raise ValueError("complete_ms must be >= 0")
         if self.l2_ttl_ms < self.l1_ttl_ms or self.miss_marker_max_ms < self.miss_marker_min_ms:
             raise ValueError("need l2_ttl_ms >= l1_ttl_ms and miss_marker_max_ms >= min")
         if self.reconcile_grace_ms < 0 or not 0 <= self.free_capacity_weight <= 10:

@@ -65,6 +65,21 @@ class Sidecar:
         assert self._gateway is not None, "sidecar not started"
         return self._gateway
 
+    @property
+    def feed(self) -> ChangeFeed:
+        assert self._feed is not None, "sidecar not started"
+        return self._feed
+
+    @property
+    def checker(self) -> VersionChecker:
+        assert self._checker is not None, "sidecar not started"
+        return self._checker
+
+    @property
+    def tiers(self) -> Tiers:
+        assert self._tiers is not None, "sidecar not started"
+        return self._tiers
+
     async def __aenter__(self) -> Sidecar:
         try:
             await self.start()

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 
 import numpy as np
 
@@ -65,6 +66,8 @@ class Tiers:
         self._task: asyncio.Task[None] | None = None
         self.revalidated = 0
         self.revalidation_rounds = 0
+        self.recent_rounds: deque[tuple[float, int]] = deque(maxlen=1_000)
+        """(monotonic time, entries checked) of recent rounds: how revalidation spreads."""
         self.drift = 0
         self.lookups = {"l1": 0, "l2": 0, "redis": 0, "miss_marker": 0, "miss": 0}
         """Lookups by how they were answered (metrics read these)."""
@@ -83,7 +86,7 @@ class Tiers:
     def complete(self) -> bool:
         """Whether a miss in the replica is authoritative: it was in sync very recently."""
         staleness = self._replica.staleness_ms()
-        return self._replica.ready and 0 <= staleness <= self._complete_ms
+        return self._replica.ready and 0 <= staleness < self._complete_ms
 
     async def lookup(self, node_id: str) -> Node | None:
         """One node by id, asking Redis only when the replica cannot vouch for it."""
@@ -161,6 +164,7 @@ class Tiers:
         if not ids:
             return 0
         self.revalidation_rounds += 1
+        self.recent_rounds.append((time.monotonic(), len(ids)))
         version, versions = await self._gateway.node_versions(ids)
         drifted = self._confirm(ids, versions)
         if drifted:

@@ -119,6 +119,7 @@ class VersionChecker:
                 int((sent - self._behind_since) * 1000),
                 how,
             )
+            self.lag_versions = max(version - replica.version, 0)
             if replica.version >= version:
                 self._behind_since = None
                 replica.synced_at = max(replica.synced_at, sent)
