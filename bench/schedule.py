@@ -85,7 +85,8 @@ async def call_schedule(
             n = 0
             while (now := time.monotonic()) < end:
                 n += 1
-                req = pb.ScheduleRequest(selector=sel_pb, job_id=f"{tag}-{c}-{n}", lease_ms=lease_ms)
+                job_id = f"{tag}-{c}-{n}"
+                req = pb.ScheduleRequest(selector=sel_pb, job_id=job_id, lease_ms=lease_ms)
                 resp = await stub.Schedule(req, timeout=10)
                 done = time.monotonic()
                 if done >= start and now < end:

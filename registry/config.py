@@ -70,7 +70,26 @@ class Settings:
     metrics_epsilon: float = 0.05
     """A heartbeat's metrics are a material change (logged) when one moves by this much."""
     redis_timeout_ms: int = 1_000
-    """Socket timeout of every Redis call (the change feed adds its block time)."""
+    """Timeout of bulk Redis reads (preload, repair, log catch-up); the feed adds its block."""
+    hot_timeout_ms: int = 250
+    """Timeout of every hot-path Redis call (writes, checks), a backstop: a frozen Redis is
+    noticed by the watchdog first. No retries on the hot path but one on a reset
+    connection. (Timed on the event loop, so it also counts the loop's own queue: a
+    tighter value trips the breaker under heavy load; see docs/reliability.md.)"""
+    watchdog_timeout_ms: int = 25
+    """Timeout of the watchdog's PING, timed in a thread of its own on the socket: how long
+    a frozen Redis (which sends no reset) goes unnoticed at most, plus one interval."""
+    watchdog_interval_ms: int = 10
+    """How often the watchdog thread PINGs Redis."""
+    write_buffer_max: int = 10_000
+    """Writes (register, deregister, drain, release, pools) buffered while degraded."""
+    heartbeat_buffer_max: int = 100_000
+    """Nodes whose latest heartbeat is buffered while degraded."""
+    self_preservation_pause_ms: int = 3_000
+    """A pause in expiry runs longer than this (no sidecar reached Redis) moves every
+    deadline forward by the pause instead of expiring the fleet."""
+    recovery_probe_max_ms: int = 1_000
+    """Longest wait between recovery probes (exponential backoff with jitter up to it)."""
     feed_block_ms: int = 250
     """Block time of the change feed's stream reads; bounds staleness while idle."""
     heartbeat_batch_max: int = 512
@@ -102,6 +121,13 @@ class Settings:
             "expiry_interval_ms",
             "log_maxlen",
             "redis_timeout_ms",
+            "hot_timeout_ms",
+            "watchdog_timeout_ms",
+            "watchdog_interval_ms",
+            "write_buffer_max",
+            "heartbeat_buffer_max",
+            "self_preservation_pause_ms",
+            "recovery_probe_max_ms",
             "feed_block_ms",
             "heartbeat_batch_max",
             "watch_queue_max",

@@ -107,6 +107,8 @@ class HeartbeatOutcome(enum.Enum):
     OK = 1
     UNKNOWN = 0
     OFFLINE = 2
+    BUFFERED = 3
+    """Redis unreachable: held by the sidecar, replayed on recovery."""
 
 
 @dataclass(frozen=True, slots=True)

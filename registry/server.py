@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 import random
 
 import grpc
@@ -20,6 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from registry.cache import Replica
 from registry.changefeed import ChangeFeed
 from registry.config import Settings
+from registry.degradation import Degradation
 from registry.embedded_redis import EmbeddedRedis
 from registry.errors import Unavailable
 from registry.gateway import Gateway
@@ -52,6 +54,7 @@ class Sidecar:
             l1_s=settings.l1_ttl_ms / 1000,
         )
         self._checker: VersionChecker | None = None
+        self._degradation: Degradation | None = None
         self._tiers: Tiers | None = None
         self.servicer: RegistryServicer | None = None
 
@@ -64,6 +67,15 @@ class Sidecar:
     def gateway(self) -> Gateway:
         assert self._gateway is not None, "sidecar not started"
         return self._gateway
+
+    def _live_nodes(self) -> list[str]:
+        """Nodes whose heartbeat streams this sidecar holds (rebuilt first after a loss)."""
+        return [] if self.servicer is None else self.servicer.streamed_nodes()
+
+    @property
+    def degradation(self) -> Degradation:
+        assert self._degradation is not None, "sidecar not started"
+        return self._degradation
 
     @property
     def feed(self) -> ChangeFeed:
@@ -102,6 +114,7 @@ class Sidecar:
             url,
             s.namespace,
             timeout_s=s.redis_timeout_ms / 1000,
+            hot_timeout_s=s.hot_timeout_ms / 1000,
             log_maxlen=s.log_maxlen,
             metrics_epsilon=s.metrics_epsilon,
             heartbeat_batch_max=s.heartbeat_batch_max,
@@ -110,12 +123,27 @@ class Sidecar:
         )
         epoch = await self._until_redis(self._gateway.ensure_epoch)
         self._feed = ChangeFeed(self._gateway, self.replica, block_ms=s.feed_block_ms)
+        self._degradation = Degradation(
+            self._gateway,
+            self.replica,
+            self._feed,
+            l2_s=s.l2_ttl_ms / 1000,
+            live_nodes=self._live_nodes,
+            max_ops=s.write_buffer_max,
+            max_heartbeats=s.heartbeat_buffer_max,
+            probe_max_s=s.recovery_probe_max_ms / 1000,
+            watchdog=self._gateway.watchdog_ping(s.watchdog_timeout_ms / 1000),
+            watchdog_interval_s=s.watchdog_interval_ms / 1000,
+        )
+        degraded = lambda: self._degradation is not None and self._degradation.degraded  # noqa: E731
         self._checker = VersionChecker(
             self._gateway,
             self.replica,
             self._feed,
             interval_s=s.version_check_interval_ms / 1000,
             timeout_s=s.version_check_timeout_ms / 1000,
+            paused=degraded,
+            lost=self._degradation.trip,
         )
         self._tiers = Tiers(
             self._gateway,
@@ -124,9 +152,16 @@ class Sidecar:
             l2_s=s.l2_ttl_ms / 1000,
             miss_ttl_s=(s.miss_marker_min_ms / 1000, s.miss_marker_max_ms / 1000),
             complete_ms=s.complete_ms,
+            paused=degraded,
         )
         self.servicer = RegistryServicer(
-            s, self._gateway, self.replica, self._feed, self._checker, self._tiers, epoch
+            s,
+            self._gateway,
+            self.replica,
+            self._feed,
+            self._checker,
+            self._tiers,
+            self._degradation,
         )
 
         options = [
@@ -156,6 +191,7 @@ class Sidecar:
 
         await self._until_redis(self._feed.preload)
         self._feed.start()
+        self.degradation.start()
         self._checker.start()
         self._tiers.start()
         self._expiry = asyncio.create_task(self._expire_loop(), name="expiry")
@@ -185,48 +221,62 @@ class Sidecar:
     async def _expire_loop(self) -> None:
         """Every sidecar runs the expiry script; it is atomic and idempotent, so they may.
 
-        The period is jittered so sidecars started together do not fire together.
+        The period is jittered so sidecars started together do not fire together. It
+        pauses while degraded; the script itself notices when no sidecar could run it for
+        a while and then extends deadlines rather than expiring the fleet.
         """
         s = self.settings
         period = s.expiry_interval_ms / 1000
-        failing = False
         while True:
             await asyncio.sleep(period * random.uniform(0.8, 1.2))
-            try:
-                offline, removed, freed = await self.gateway.expire(s.offline_grace_ms)
-            except Unavailable as exc:
-                if not failing:
-                    log.warning("expiry paused, Redis unavailable: %s", exc)
-                failing = True
+            if self.degradation.degraded:
                 continue
-            if failing:
-                log.info("expiry resumed")
-                failing = False
+            try:
+                offline, removed, freed, shifted = await self.gateway.expire(
+                    s.offline_grace_ms, pause_ms=s.self_preservation_pause_ms
+                )
+            except Unavailable as exc:
+                log.debug("expiry skipped: %s", exc)
+                continue
+            if shifted:
+                log.warning(
+                    "no expiry ran for %d ms (Redis was unreachable): every deadline "
+                    "and lease moved forward by that much (self-preservation)",
+                    shifted,
+                )
             if offline or removed or freed:
                 log.info("expiry: %d offline, %d removed, %d leases freed", offline, removed, freed)
 
     async def aclose(self) -> None:
-        """Graceful stop: NOT_SERVING first, so balancers and probes look elsewhere."""
+        """Graceful stop: NOT_SERVING first, so balancers and probes look elsewhere.
+
+        Each step is bounded: a stop must never hang, whatever a stream or Redis does.
+        """
         if self._server is not None:
-            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            server, self._server = self._server, None
+            await _bounded("health NOT_SERVING",
+                           self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
             if self.servicer is not None:
                 self.servicer.close_streams()
-            await self._server.stop(self.settings.shutdown_grace_s)
-            self._server = None
+            await _bounded("gRPC server stop", server.stop(self.settings.shutdown_grace_s),
+                           self.settings.shutdown_grace_s + 5)
         if self._expiry is not None:
             self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
+            await _bounded("expiry loop", asyncio.gather(self._expiry, return_exceptions=True))
             self._expiry = None
-        for loop in (self._tiers, self._checker):
-            if loop is not None:
-                await loop.aclose()
-        self._tiers = self._checker = None
-        if self._feed is not None:
-            await self._feed.aclose()
-            self._feed = None
-        if self._gateway is not None:
-            await self._gateway.aclose()
-            self._gateway = None
-        if self._embedded is not None:
-            await self._embedded.aclose()
-            self._embedded = None
+        for name, part in (("revalidator", self._tiers), ("version checker", self._checker),
+                           ("degradation", self._degradation), ("change feed", self._feed),
+                           ("gateway", self._gateway), ("embedded redis", self._embedded)):
+            if part is not None:
+                await _bounded(name, part.aclose())
+        self._tiers = self._checker = self._degradation = None
+        self._feed = None
+        self._gateway = None
+        self._embedded = None
+
+
+async def _bounded(step: str, work: Awaitable[object], timeout: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        log.error("shutdown: %s did not finish within %.1f s; going on", step, timeout)

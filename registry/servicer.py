@@ -7,10 +7,12 @@ and ``_mapped`` applies it, once, around every handler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +24,7 @@ from registry import convert, validation
 from registry.cache import Replica, for_pool
 from registry.changefeed import ChangeFeed
 from registry.config import Settings
+from registry.degradation import Degradation
 from registry.errors import (
     Aborted,
     AlreadyExists,
@@ -34,7 +37,17 @@ from registry.errors import (
     Unimplemented,
 )
 from registry.gateway import Gateway
-from registry.model import Change, EventType, HeartbeatIn, HeartbeatOutcome, HeartbeatResult
+from registry.model import (
+    Change,
+    EventType,
+    HeartbeatIn,
+    HeartbeatOutcome,
+    HeartbeatResult,
+    Metrics,
+    Node,
+    NodeSpec,
+    NodeStatus,
+)
 from registry.scheduler import schedule
 from registry.selection import list_nodes, select
 from registry.tiers import Tiers
@@ -107,7 +120,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         feed: ChangeFeed,
         checker: VersionChecker,
         tiers: Tiers,
-        epoch: str,
+        degradation: Degradation,
     ) -> None:
         self._s = settings
         self._weights = settings.weights()
@@ -116,12 +129,17 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self._feed = feed
         self._checker = checker
         self._tiers = tiers
-        self._epoch = epoch
+        self._deg = degradation
+        self._streamed: collections.Counter[str] = collections.Counter()
+        """Node ids of the open heartbeat streams (a stream counts its first node)."""
         self._started = time.monotonic()
         self.heartbeat_streams = 0
         self._closing = False
         self._closers: set[Callable[[], object]] = set()
         """One per open stream: ends it so shutdown need not wait out the grace period."""
+
+    def streamed_nodes(self) -> list[str]:
+        return list(self._streamed)
 
     def close_streams(self) -> None:
         """End every open stream with UNAVAILABLE so its client reconnects elsewhere."""
@@ -136,7 +154,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.Freshness(
             version=r.version,
             staleness_ms=max(r.staleness_ms(), 0),
-            degraded=not self._feed.connected,
+            degraded=self._deg.degraded or not self._feed.connected,
         )
 
     def _require_ready(self) -> None:
@@ -144,14 +162,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             raise Unavailable("the replica is still loading; retry shortly")
 
     def _token(self, version: int) -> str:
-        return f"{self._epoch}:{version}"
+        return f"{self._gateway.epoch}:{version}"
 
     def _parse_token(self, token: str) -> int | None:
         """The version a token stands for, or None when it is from another data set."""
         epoch, _, version = token.rpartition(":")
         if not epoch or not version.isdigit():
             raise InvalidArgument("resume_token", "is not a token this service issued")
-        return int(version) if epoch == self._epoch else None
+        return int(version) if epoch == self._gateway.epoch else None
 
     # --- writes -----------------------------------------------------------------------
 
@@ -166,7 +184,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         ttl = validation.check_ttl(
             "ttl_ms", request.ttl_ms, s.default_ttl_ms, s.min_ttl_ms, s.max_ttl_ms
         )
-        node, _ = await self._gateway.register(spec, ttl)
+        done = await self._deg.write(
+            "register", (spec, ttl), lambda: self._gateway.register(spec, ttl)
+        )
+        if done is None:  # buffered while degraded
+            pending = _pending_node(spec, ttl, self._replica.get(spec.node_id))
+            return pb.RegisterNodeResponse(node=convert.node_to_pb(pending))
+        node, _ = done
         self._replica.apply_local(node, node.node_id, node.version)
         return pb.RegisterNodeResponse(node=convert.node_to_pb(node))
 
@@ -175,11 +199,17 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         request_iterator: AsyncIterator[pb.HeartbeatRequest],
         context: Context,
     ) -> AsyncIterator[pb.HeartbeatResponse]:
-        """Reads ahead so one stream can have several heartbeats at Redis; answers in order."""
-        pending: asyncio.Queue[tuple[int, asyncio.Future[HeartbeatResult]] | None] = asyncio.Queue(
-            HEARTBEAT_IN_FLIGHT
-        )
+        """Reads ahead so one stream can have several heartbeats at Redis; answers in order.
+
+        The queue is unbounded so its end marker can always be put, even when the
+        stream ends with the queue full; a semaphore bounds the heartbeats in flight.
+        """
+        pending: asyncio.Queue[
+            tuple[int, HeartbeatIn, asyncio.Future[HeartbeatResult] | None] | None
+        ] = asyncio.Queue()
+        in_flight = asyncio.Semaphore(HEARTBEAT_IN_FLIGHT)
         failure: list[RegistryError] = []
+        streamed: list[str] = []
 
         async def read() -> None:
             try:
@@ -189,20 +219,35 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     except RegistryError as exc:
                         failure.append(exc)
                         return
-                    await pending.put((req.seq, self._gateway.submit_heartbeat(beat)))
+                    if not streamed:
+                        streamed.append(beat.node_id)
+                        self._streamed[beat.node_id] += 1
+                    await in_flight.acquire()
+                    sent = None if self._deg.degraded else self._gateway.submit_heartbeat(beat)
+                    pending.put_nowait((req.seq, beat, sent))
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)
 
         self.heartbeat_streams += 1
         reader = asyncio.create_task(read(), name="heartbeat-reader")
         self._closers.add(reader.cancel)
         try:
             while (item := await pending.get()) is not None:
-                seq, fut = item
+                seq, beat, fut = item
                 try:
-                    result = await fut
+                    if fut is None:
+                        result = self._buffer(beat)
+                    else:
+                        try:
+                            result = await fut
+                        except Unavailable as exc:
+                            # Redis failed it (or its reply was lost): degrade and keep
+                            # it; the stream goes on, every request gets its answer.
+                            self._deg.trip(f"heartbeat failed: {exc}")
+                            result = self._buffer(beat)
                 except RegistryError as exc:
                     await context.abort(status_of(exc), str(exc))
+                in_flight.release()
                 yield _heartbeat_response(seq, result, self._s.heartbeat_interval_ms)
             if failure:
                 await context.abort(status_of(failure[0]), str(failure[0]))
@@ -211,12 +256,27 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         finally:
             self._closers.discard(reader.cancel)
             self.heartbeat_streams -= 1
+            for node_id in streamed:
+                self._streamed[node_id] -= 1
+                if self._streamed[node_id] <= 0:
+                    del self._streamed[node_id]
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             while not pending.empty():
                 left = pending.get_nowait()
-                if left is not None:
-                    left[1].cancel()
+                if left is not None and left[2] is not None:
+                    left[2].cancel()
+
+    def _buffer(self, beat: HeartbeatIn) -> HeartbeatResult:
+        """Degraded: keep the heartbeat for replay and acknowledge it as BUFFERED."""
+        self._deg.buffer.add_heartbeat(beat)
+        node = self._replica.get(beat.node_id)
+        return HeartbeatResult(
+            outcome=HeartbeatOutcome.BUFFERED,
+            version=node.version if node is not None else 0,
+            status=node.status if node is not None else None,
+            ttl_ms=node.ttl_ms if node is not None else 0,
+        )
 
     def _decode_heartbeat(self, req: pb.HeartbeatRequest) -> HeartbeatIn:
         validation.check_id("node_id", req.node_id)
@@ -233,7 +293,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, request: pb.DeregisterNodeRequest, context: Context
     ) -> pb.DeregisterNodeResponse:
         node_id = validation.check_id("node_id", request.node_id)
-        existed, version = await self._gateway.deregister(node_id)
+        done = await self._deg.write(
+            "deregister", (node_id,), lambda: self._gateway.deregister(node_id)
+        )
+        if done is None:  # buffered while degraded
+            known = self._replica.get(node_id) is not None
+            return pb.DeregisterNodeResponse(existed=known, version=self._replica.version)
+        existed, version = done
         if existed:
             self._replica.apply_local(None, node_id, version)
         return pb.DeregisterNodeResponse(existed=existed, version=version)
@@ -243,7 +309,17 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, request: pb.DrainNodeRequest, context: Context
     ) -> pb.DrainNodeResponse:
         node_id = validation.check_id("node_id", request.node_id)
-        node, _ = await self._gateway.drain(node_id)
+        known = self._replica.get(node_id)
+        if self._deg.degraded and known is None:
+            raise NotFound(f"node {node_id!r} is not registered (as far as this sidecar knows)")
+        done = await self._deg.write("drain", (node_id,), lambda: self._gateway.drain(node_id))
+        if done is None:  # buffered while degraded
+            if known is None:
+                raise NotFound(f"node {node_id!r} is not registered")
+            return pb.DrainNodeResponse(
+                node=convert.node_to_pb(replace(known, status=NodeStatus.DRAINING))
+            )
+        node, _ = done
         self._replica.apply_local(node, node_id, node.version)
         return pb.DrainNodeResponse(node=convert.node_to_pb(node))
 
@@ -257,6 +333,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         lease = validation.check_ttl(
             "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
         )
+        self._deg.refuse("ReserveSlot")
         res = await self._gateway.reserve(node_id, job_id, lease)
         self._replica.apply_local(res.node, node_id, res.node.version)
         return pb.ReserveSlotResponse(
@@ -271,7 +348,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     ) -> pb.ReleaseSlotResponse:
         node_id = validation.check_id("node_id", request.node_id)
         job_id = validation.check_id("job_id", request.job_id)
-        rel = await self._gateway.release(node_id, job_id)
+        rel = await self._deg.write(
+            "release", (node_id, job_id), lambda: self._gateway.release(node_id, job_id)
+        )
+        if rel is None:  # buffered while degraded: accepted, applied on recovery
+            known = self._replica.get(node_id)
+            if known is None:
+                return pb.ReleaseSlotResponse(released=True)
+            return pb.ReleaseSlotResponse(released=True, node=convert.node_to_pb(known))
         if rel.node is None:
             return pb.ReleaseSlotResponse(released=rel.released)
         self._replica.apply_local(rel.node, node_id, rel.node.version)
@@ -444,6 +528,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
         )
         self._require_ready()
+        self._deg.refuse("Schedule")
         done = await schedule(
             self._gateway,
             self._replica,
@@ -468,7 +553,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         if not request.HasField("pool"):
             raise InvalidArgument("pool", "is required")
         pool = validation.check_pool(convert.pool_from_pb(request.pool))
-        stored, _ = await self._gateway.put_pool(pool)
+        done = await self._deg.write("put_pool", (pool,), lambda: self._gateway.put_pool(pool))
+        if done is None:  # buffered while degraded
+            return pb.PutPoolResponse(pool=convert.pool_to_pb(pool))
+        stored, _ = done
         self._replica.apply_local_pool(stored)
         return pb.PutPoolResponse(pool=convert.pool_to_pb(stored))
 
@@ -496,13 +584,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         r = self._replica
         lat = self._gateway.latency
         return pb.GetStatusResponse(
-            mode="NORMAL" if self._feed.connected else "LOCAL_ONLY",
+            mode=self._deg.mode.value,
             version=r.version,
             node_count=len(r),
             redis_version=max(self._feed.redis_version, self._checker.redis_version),
             staleness_ms=max(r.staleness_ms(), 0),
             ready=r.ready,
-            epoch=self._epoch,
+            epoch=self._gateway.epoch,
             namespace=self._s.namespace,
             uptime_ms=int((time.monotonic() - self._started) * 1000),
             events_applied=r.events_applied,
@@ -521,6 +609,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             revalidated=self._tiers.revalidated,
             drift=self._tiers.drift,
             miss_markers=len(r.misses),
+            buffered_heartbeats=len(self._deg.buffer.heartbeats),
+            buffered_writes=len(self._deg.buffer.ops),
+            mode_transitions=sum(self._deg.transitions.values()),
+            degraded_ms=self._deg.degraded_ms,
+            outages=self._deg.outages,
+            last_outage_ms=self._deg.last_outage_ms,
+            rebuilds=self._deg.rebuilds,
+            buffer_refused=self._deg.buffer.refused,
         )
 
 
@@ -539,11 +635,44 @@ async def _abort(context: Context, exc: RegistryError) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+def _pending_node(spec: NodeSpec, ttl_ms: int, known: Node | None) -> Node:
+    """What a registration buffered while degraded will store, as far as this sidecar can
+    tell: the declared fields from the request, the live ones from the replica."""
+    status = known.status if known is not None else NodeStatus.ONLINE
+    if status is NodeStatus.OFFLINE:
+        status = NodeStatus.ONLINE
+    return Node(
+        node_id=spec.node_id,
+        address=spec.address,
+        pools=frozenset(spec.pools),
+        lang_pairs=frozenset(spec.lang_pairs),
+        services=spec.services,
+        labels=dict(spec.labels),
+        capacity=spec.capacity,
+        status=status,
+        metrics=known.metrics if known is not None else Metrics(),
+        running_jobs=known.running_jobs if known is not None else 0,
+        health_score=known.health_score if known is not None else 1.0,
+        version=known.version if known is not None else 0,
+        registered_at=known.registered_at if known is not None else 0,
+        last_heartbeat_at=known.last_heartbeat_at if known is not None else 0,
+        ttl_ms=ttl_ms,
+    )
+
+
 def _heartbeat_response(
     seq: int, result: HeartbeatResult, default_interval: int
 ) -> pb.HeartbeatResponse:
     """The suggested interval is a third of the node's own TTL, so two may be lost."""
     interval = result.ttl_ms // 3 if result.ttl_ms else default_interval
+    if result.outcome is HeartbeatOutcome.BUFFERED:
+        return pb.HeartbeatResponse(
+            seq=seq,
+            version=result.version,
+            status=convert.status_to_pb(result.status),
+            action=pb.HEARTBEAT_ACTION_BUFFERED,
+            interval_ms=interval,
+        )
     if result.outcome is not HeartbeatOutcome.OK:
         return pb.HeartbeatResponse(
             seq=seq,

@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -53,7 +54,10 @@ class Tiers:
         miss_ttl_s: tuple[float, float] = (1.0, 10.0),
         complete_ms: int = 1_000,
         rng: random.Random | None = None,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
+        self._paused = paused
+        """True while degraded: no background Redis traffic then (recovery owns it)."""
         self._gateway = gateway
         self._replica = replica
         self._feed = feed
@@ -102,8 +106,10 @@ class Tiers:
             if age <= self.l2_s:
                 self.lookups["l2"] += 1  # the revalidator has it in hand
                 return node
+            if self._paused():
+                return node  # degraded: served as cached; Freshness says so
             return await self._read_through(node_id, node)
-        if self.complete():
+        if self.complete() or self._paused():
             self.lookups["miss"] += 1
             return None
         marker = replica.misses.get(node_id)
@@ -142,6 +148,8 @@ class Tiers:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._tick)
+            if self._paused():
+                continue
             try:
                 await self.revalidate_due()
             except Unavailable as exc:

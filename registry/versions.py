@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from registry.cache import Replica
 from registry.changefeed import ChangeFeed
@@ -38,7 +39,12 @@ class VersionChecker:
         interval_s: float = 0.1,
         timeout_s: float = 0.05,
         grace_s: float = 0.2,
+        paused: Callable[[], bool] = lambda: False,
+        lost: Callable[[str], None] = lambda why: None,
     ) -> None:
+        self._paused = paused
+        self._lost = lost
+        """Called when Redis lost the data set: the degradation manager rebuilds it."""
         self._gateway = gateway
         self._replica = replica
         self._feed = feed
@@ -72,6 +78,8 @@ class VersionChecker:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
+            if self._paused():
+                continue
             try:
                 await self.check()
             except Unavailable as exc:
@@ -87,19 +95,17 @@ class VersionChecker:
         # after the answer would see Redis "behind" whenever the feed is quick.)
         had = replica.version
         try:
-            version = await asyncio.wait_for(self._gateway.version(), self._timeout)
-        except TimeoutError:
+            version, epoch = await asyncio.wait_for(self._gateway.state(), self._timeout)
+        except (TimeoutError, Unavailable):
             self.timeouts += 1
             return
         self.redis_version = version
-        if version < had:
-            log.warning(
-                "Redis is at version %d, behind this replica's %d: it lost data; reloading",
-                version,
-                had,
-            )
+        if version < had or epoch != self._gateway.epoch:
             self._behind_since = None
-            await self._feed.reload()
+            self._lost(
+                f"Redis lost the registry: version {version} (replica at {had}), "
+                f"epoch {epoch} (was {self._gateway.epoch})"
+            )
             return
         lag = version - replica.version
         self.lag_versions = max(lag, 0)

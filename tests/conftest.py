@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 
@@ -65,9 +66,16 @@ from registry_client.v1 import registry_pb2_grpc as pb_grpc  # noqa: E402
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
 
 TEST_SETTINGS = Settings(
-    listen="127.0.0.1:0", feed_block_ms=100, expiry_interval_ms=100, shutdown_grace_s=0.5
+    listen="127.0.0.1:0",
+    feed_block_ms=100,
+    expiry_interval_ms=100,
+    shutdown_grace_s=0.5,
+    watchdog_timeout_ms=250,
 )
-"""Short periods so tests see expiry and feed effects quickly."""
+"""Short periods so tests see expiry and feed effects quickly. The watchdog's timeout is
+roomier than production's 25 ms so a CPU-starved CI machine (2 cores running Redis, the
+sidecars and the tests) does not degrade tests that are not about degradation; the
+degradation and fault tests set the production value themselves."""
 
 
 @pytest.fixture
@@ -87,7 +95,17 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
         yield make
     finally:
         for sidecar in reversed(started):
-            await sidecar.aclose()
+            try:
+                await asyncio.wait_for(sidecar.aclose(), 15)
+            except TimeoutError:
+                stacks = []
+                for task in asyncio.all_tasks():
+                    frames = [
+                        f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                        for f in task.get_stack(limit=8)
+                    ]
+                    stacks.append(f"{task.get_name()}: " + " <- ".join(frames))
+                raise AssertionError("sidecar.aclose() hung:\n" + "\n".join(stacks)) from None
 
 
 @pytest.fixture

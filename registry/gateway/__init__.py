@@ -15,18 +15,22 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as SyncRetry
+from redis.sentinel import Sentinel as SyncSentinel
 
 from registry.errors import (
     AlreadyExists,
@@ -61,6 +65,7 @@ SNAPSHOT_BATCH = 500
 """Nodes fetched per pipelined round trip during preload and reload."""
 
 SCRIPT_NAMES = (
+    "lift",
     "register",
     "heartbeat",
     "deregister",
@@ -182,6 +187,7 @@ class Gateway:
         namespace: str,
         *,
         timeout_s: float = 1.0,
+        hot_timeout_s: float | None = None,
         log_maxlen: int = 50_000,
         metrics_epsilon: float = 0.05,
         heartbeat_batch_max: int = 512,
@@ -198,23 +204,24 @@ class Gateway:
         self._batch_max = heartbeat_batch_max
         self._weights = weights.health_vector()
         self._grace = reconcile_grace_ms
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
-            retry_on_error=[RedisConnectionError],
-            health_check_interval=0,
-            max_connections=64,
-            client_name=self.client_name,
-        )
+        self.observer: Callable[[str | None, str], None] | None = None
+        """Told the outcome of every hot-path call, None, "timeout" or "error", with a
+        description: the circuit breaker listens here."""
+        self.epoch = ""
+        """Identity of the data set, as of the last ensure_epoch."""
+        hot = timeout_s if hot_timeout_s is None else hot_timeout_s
+        # Hot path: writes, version checks, pings. A short timeout and no retry of a
+        # timeout, so a frozen Redis (it sends no reset) is noticed within tens of ms.
+        self.redis = connect(url, hot, self.client_name, 64, retries=1)
+        # Bulk reads (preload, repair, log catch-up): large replies, a longer timeout.
+        self.bulk = connect(url, timeout_s, f"{self.client_name}:bulk", 8, retries=1)
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(body) for name, body in _load_scripts().items()
         }
         self._pending: list[tuple[HeartbeatIn, asyncio.Future[HeartbeatResult]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.latency = LatencyWindow()
-        self.log = LogReader(self.redis, self.keys, None, owned=False)
+        self.log = LogReader(self.bulk, self.keys, None, owned=False)
         """Non-blocking reads of the change log on the shared pool (catch-up, resume)."""
 
     async def __aenter__(self) -> Gateway:
@@ -228,27 +235,55 @@ class Gateway:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self.redis.aclose()
+        await self.bulk.aclose()
 
     def log_reader(self, block_ms: int) -> LogReader:
         """A reader of the change log on a connection of its own, so blocking reads never
         hold a pool slot that a write is waiting for; its timeout covers the block time."""
-        client: aioredis.Redis = aioredis.Redis.from_url(
+        client = connect(
             self.url,
-            socket_timeout=self._timeout + block_ms / 1000,
-            socket_connect_timeout=self._timeout,
-            max_connections=2,
-            client_name=f"{self.client_name}:feed",
+            self._timeout + block_ms / 1000,
+            f"{self.client_name}:feed",
+            2,
+            retries=0,
+            connect_timeout=self._timeout,
         )
         return LogReader(client, self.keys, block_ms)
+
+    def watchdog_ping(self, timeout_s: float) -> Callable[[], Callable[[], None]]:
+        """A factory, for the watchdog thread, of a blocking PING with its own socket
+        timeout on a connection of its own (a sync client: it runs outside the loop)."""
+
+        def make() -> Callable[[], None]:
+            client = connect_sync(self.url, timeout_s, f"{self.client_name}:watchdog")
+
+            def ping() -> None:
+                client.ping()
+
+            return ping
+
+        return make
+
+    def _observe(self, exc: BaseException | None) -> None:
+        if self.observer is None:
+            return
+        if exc is None:
+            self.observer(None, "")
+        elif isinstance(exc, (RedisTimeoutError, TimeoutError)):
+            self.observer("timeout", f"{type(exc).__name__}: {exc}")
+        else:
+            self.observer("error", f"{type(exc).__name__}: {exc}")
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         start = time.perf_counter()
         try:
             result = await self._scripts[name](keys=list(keys), args=list(args))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self._observe(exc)
             raise Unavailable(f"redis unavailable during {name}: {exc}") from exc
         except RedisError as exc:
             raise Unavailable(f"redis error during {name}: {exc}") from exc
+        self._observe(None)
         self.latency.add(time.perf_counter() - start)
         return result
 
@@ -260,24 +295,40 @@ class Gateway:
         The version counter is also pulled forward to the log's last id: if the counter
         were ever behind the log (partial restore), XADD with an explicit id would fail.
         """
-        await self.redis.set(self.keys.epoch, secrets.token_hex(8), nx=True)
-        epoch = _text(await self.redis.get(self.keys.epoch))
-        last = await self.redis.xrevrange(self.keys.log, count=1)
+        try:
+            await self.bulk.set(self.keys.epoch, secrets.token_hex(8), nx=True)
+            epoch = _text(await self.bulk.get(self.keys.epoch))
+            last = await self.bulk.xrevrange(self.keys.log, count=1)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
         if last:
-            log_version = int(_text(last[0][0]).split("-", 1)[0])
-            current = int(_text(await self.redis.get(self.keys.version) or 0))
-            if current < log_version:
-                log.warning(
-                    "version counter %d behind log %d; moving it forward", current, log_version
-                )
-                await self.redis.set(self.keys.version, log_version)
+            await self.lift(int(_text(last[0][0]).split("-", 1)[0]))
+        self.epoch = epoch
         return epoch
+
+    async def read_epoch(self) -> str | None:
+        """The data set's identity as Redis has it now (None: Redis lost it)."""
+        try:
+            raw = await self.redis.get(self.keys.epoch)
+        except (RedisError, OSError) as exc:
+            self._observe(exc)
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+        self._observe(None)
+        return None if raw is None else _text(raw)
+
+    async def lift(self, floor: int) -> int:
+        """Raise the version counter to at least ``floor`` (never lower it): after Redis
+        lost data, versions must not go backwards for watchers, and XADD with an explicit
+        id must stay above the log's last id."""
+        return int(await self._call("lift", [self.keys.version], [floor]))
 
     async def ping(self) -> None:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
+            self._observe(exc)
             raise Unavailable(f"redis unavailable: {exc}") from exc
+        self._observe(None)
 
     # --- writes ----------------------------------------------------------------------
 
@@ -404,14 +455,18 @@ class Gateway:
         node = node_from_fields(node_id, _pairs(flat)) if flat else None
         return Release(released=bool(released), node=node)
 
-    async def expire(self, grace_ms: int, batch: int = 500) -> tuple[int, int, int]:
+    async def expire(
+        self, grace_ms: int, batch: int = 500, pause_ms: int = 5_000
+    ) -> tuple[int, int, int, int]:
+        """(nodes marked offline, nodes removed, leases freed, ms every deadline moved
+        by after a pause of more than ``pause_ms`` in expiry runs: self-preservation)."""
         k = self.keys
-        offline, removed, freed = await self._call(
+        offline, removed, freed, shifted = await self._call(
             "expire",
-            [k.version, k.log, k.expiry, k.leases, k.nodes, k.jobnode],
-            [k.prefix, self._maxlen, grace_ms, batch],
+            [k.version, k.log, k.expiry, k.leases, k.nodes, k.jobnode, k.expiry_run],
+            [k.prefix, self._maxlen, grace_ms, batch, pause_ms],
         )
-        return int(offline), int(removed), int(freed)
+        return int(offline), int(removed), int(freed), int(shifted)
 
     async def put_pool(self, pool: Pool) -> tuple[Pool, bool]:
         k = self.keys
@@ -425,11 +480,24 @@ class Gateway:
 
     # --- reads -----------------------------------------------------------------------
 
+    async def state(self) -> tuple[int, str | None]:
+        """The registry version and the data set's epoch, in one round trip."""
+        try:
+            raw_version, raw_epoch = await self.redis.mget(self.keys.version, self.keys.epoch)
+        except (RedisError, OSError) as exc:
+            self._observe(exc)
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+        self._observe(None)
+        return int(_text(raw_version or 0)), None if raw_epoch is None else _text(raw_epoch)
+
     async def version(self) -> int:
         try:
-            return int(_text(await self.redis.get(self.keys.version) or 0))
+            raw = await self.redis.get(self.keys.version)
         except (RedisError, OSError) as exc:
+            self._observe(exc)
             raise Unavailable(f"redis unavailable: {exc}") from exc
+        self._observe(None)
+        return int(_text(raw or 0))
 
     async def snapshot(self) -> Snapshot:
         """Read every node in pipelined batches.
@@ -438,8 +506,8 @@ class Gateway:
         snapshot already holds, which the replica skips by node version.
         """
         try:
-            version = int(_text(await self.redis.get(self.keys.version) or 0))
-            members: set[Any] = await self.redis.smembers(self.keys.nodes)  # type: ignore[misc]
+            version = int(_text(await self.bulk.get(self.keys.version) or 0))
+            members: set[Any] = await self.bulk.smembers(self.keys.nodes)  # type: ignore[misc]
             nodes = await self._read_nodes(sorted(_text(i) for i in members))
             pools = await self._read_pools()
         except (RedisError, OSError) as exc:
@@ -457,7 +525,7 @@ class Gateway:
         nodes: list[Node] = []
         for start in range(0, len(ids), SNAPSHOT_BATCH):
             chunk = ids[start : start + SNAPSHOT_BATCH]
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.bulk.pipeline(transaction=False) as pipe:
                 for node_id in chunk:
                     pipe.hgetall(self.keys.node(node_id))
                 rows = await pipe.execute()
@@ -474,14 +542,14 @@ class Gateway:
         changed after it shows a higher version, which only costs a needless fetch.
         """
         try:
-            version = int(_text(await self.redis.get(self.keys.version) or 0))
+            version = int(_text(await self.bulk.get(self.keys.version) or 0))
             if ids is None:
-                members: set[Any] = await self.redis.smembers(self.keys.nodes)  # type: ignore[misc]
+                members: set[Any] = await self.bulk.smembers(self.keys.nodes)  # type: ignore[misc]
                 ids = sorted(_text(i) for i in members)
             out: dict[str, int] = {}
             for start in range(0, len(ids), SNAPSHOT_BATCH):
                 chunk = ids[start : start + SNAPSHOT_BATCH]
-                async with self.redis.pipeline(transaction=False) as pipe:
+                async with self.bulk.pipeline(transaction=False) as pipe:
                     for node_id in chunk:
                         pipe.hget(self.keys.node(node_id), "ver")
                     rows = await pipe.execute()
@@ -499,9 +567,9 @@ class Gateway:
             raise Unavailable(f"redis unavailable: {exc}") from exc
 
     async def _read_pools(self) -> list[Pool]:
-        members: set[Any] = await self.redis.smembers(self.keys.pools)  # type: ignore[misc]
+        members: set[Any] = await self.bulk.smembers(self.keys.pools)  # type: ignore[misc]
         ids = sorted(_text(i) for i in members)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.bulk.pipeline(transaction=False) as pipe:
             for pool_id in ids:
                 pipe.hgetall(self.keys.pool(pool_id))
             rows = await pipe.execute()
@@ -517,6 +585,7 @@ class Gateway:
         try:
             holder = await self.redis.hget(self.keys.jobnode, job_id)  # type: ignore[misc]
         except (RedisError, OSError) as exc:
+            self._observe(exc)
             raise Unavailable(f"redis unavailable: {exc}") from exc
         return None if holder is None else _text(holder)
 
@@ -524,6 +593,7 @@ class Gateway:
         try:
             row: dict[Any, Any] = await self.redis.hgetall(self.keys.node(node_id))  # type: ignore[misc]
         except (RedisError, OSError) as exc:
+            self._observe(exc)
             raise Unavailable(f"redis unavailable: {exc}") from exc
         return node_from_fields(node_id, _pairs(_flatten(row))) if row else None
 
@@ -569,6 +639,87 @@ class LogReader:
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis unavailable while reading the change log: {exc}") from exc
         return LogRead(changes=changes, first_version=first)
+
+
+def connect(
+    url: str,
+    timeout_s: float,
+    name: str,
+    max_connections: int,
+    *,
+    retries: int,
+    connect_timeout: float | None = None,
+) -> aioredis.Redis:
+    """A client for ``url``: redis://, rediss://, unix://, or
+    ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``, which asks
+    the Sentinels for the current primary (and again after a failover)."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": connect_timeout or timeout_s,
+        "health_check_interval": 0,
+        "max_connections": max_connections,
+        "client_name": name,
+    }
+    # Retry only a connection error (a stale pooled connection after a Redis restart, a
+    # reset): it is definitive and the retry goes to a new connection. Never a timeout:
+    # redis-py's default Retry would, doubling how long a frozen Redis takes to notice.
+    options["retry"] = Retry(
+        NoBackoff() if retries == 1 else ExponentialWithJitterBackoff(base=0.01, cap=0.1),
+        retries,
+        supported_errors=(RedisConnectionError,),
+    )
+    if not url.startswith("redis+sentinel://"):
+        client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        return client
+    rest = url[len("redis+sentinel://") :]
+    password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        password = auth.split(":", 1)[-1] or None
+    hosts, _, path = rest.partition("/")
+    service, _, db = path.partition("/")
+    if not service:
+        raise ValueError("redis+sentinel:// URL needs a service name: .../mymaster")
+    sentinels = []
+    for host in hosts.split(","):
+        h, _, p = host.rpartition(":")
+        sentinels.append((h or "127.0.0.1", int(p or 26379)))
+    options.pop("max_connections")
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout or timeout_s
+    )
+    primary: aioredis.Redis = sentinel.master_for(
+        service, password=password, db=int(db or 0), **options
+    )
+    return primary
+
+
+def connect_sync(url: str, timeout_s: float, name: str) -> redis.Redis:
+    """A blocking client (the watchdog thread's), for the same URLs as ``connect``."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "client_name": name,
+        "retry": SyncRetry(NoBackoff(), 0),
+    }
+    if not url.startswith("redis+sentinel://"):
+        return redis.Redis.from_url(url, **options)
+    rest = url[len("redis+sentinel://") :]
+    password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        password = auth.split(":", 1)[-1] or None
+    hosts, _, path = rest.partition("/")
+    service, _, db = path.partition("/")
+    sentinels = [
+        (h.rpartition(":")[0] or "127.0.0.1", int(h.rpartition(":")[2] or 26379))
+        for h in hosts.split(",")
+    ]
+    sentinel = SyncSentinel(sentinels, socket_timeout=timeout_s)  # type: ignore[no-untyped-call]
+    primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        service, password=password, db=int(db or 0), **options
+    )
+    return primary
 
 
 def _flatten(row: dict[Any, Any]) -> list[Any]:

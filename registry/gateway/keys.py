@@ -54,6 +54,11 @@ class Keys:
         return self.prefix + "epoch"
 
     @property
+    def expiry_run(self) -> str:
+        """Redis time (ms) of the last expiry run by any sidecar (self-preservation)."""
+        return self.prefix + "expiry_run"
+
+    @property
     def pools(self) -> str:
         """Set of every configured pool id."""
         return self.prefix + "pools"

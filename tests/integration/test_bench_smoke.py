@@ -1,4 +1,5 @@
-"""The benchmarks still run: ``python -m bench all --quick`` with tiny durations and sizes.
+"""The benchmarks still run: ``python -m bench all --quick`` with tiny durations and sizes
+(the optional etcd comparison left out: ``--skip-etcd``).
 
 Only that they run and report positive figures under the documented JSON keys; the
 figures themselves mean nothing at this size (see docs/benchmarks.md for real ones).
@@ -22,12 +23,15 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = [
         sys.executable, "-m", "bench", "all", "--quick", "--duration", "0.3",
-        "--streams", "8", "--nodes", "300", "--json", str(out),
+        "--streams", "8", "--nodes", "300", "--changes", "50", "--skip-etcd",
+        "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Heartbeat throughput" in proc.stdout
     assert "SelectNodes end to end" in proc.stdout
+    assert "Schedule end to end" in proc.stdout
+    assert "Write -> event at another reader" in proc.stdout
 
     data = json.loads(out.read_text())
     assert data["machine"]["nproc"] >= 1
@@ -53,3 +57,20 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
         assert sel["echo"][key]["calls_per_s"] > 0, key
     assert sel["rss_mb"]["sidecar_loaded"] > 0
     assert set(sel["targets"]) == {"in_process_p99<1ms", "end_to_end_p99<5ms", "rss<100MB"}
+
+    sch = data["schedule"]
+    assert sch["preload"]["sidecar_start_s"] > 0
+    assert set(sch["sidecar"]) == set(sch["echo"]) == set(sch["ratio"]) == {"x1", "x4"}
+    for key, row in sch["sidecar"].items():
+        assert row["calls_per_s"] > 0, key
+        assert row["latency"]["p99_ms"] > 0, key
+        assert sch["echo"][key]["calls_per_s"] > 0, key
+    assert sum(sch["attempts"].values()) > 0
+
+    prop = data["propagation"]
+    for run in ("sidecar", "redis"):
+        assert prop[run]["latency"]["n"] > 0, run
+        assert prop[run]["latency"]["p99_ms"] > 0, run
+    assert prop["ratio_p99"] > 0
+    assert set(prop["targets"]) == {"p99<10ms"}
+    assert "etcd" not in data

@@ -58,6 +58,8 @@ def state(client: redis.Redis, namespace: str) -> dict[str, Any]:
             out[key] = value
         elif kind == "zset":
             out[key] = sorted(m.decode() for m in client.zrange(key, 0, -1))
+        elif key.endswith(":expiry_run"):
+            continue  # a timestamp of the last run, like hb_at
         elif kind == "stream":
             out[key] = [eid.decode() for eid, _ in client.xrange(key)]
         elif kind == "set":

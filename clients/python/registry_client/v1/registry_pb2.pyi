@@ -1177,6 +1177,14 @@ class GetStatusResponse(google.protobuf.message.Message):
     REVALIDATED_FIELD_NUMBER: builtins.int
     DRIFT_FIELD_NUMBER: builtins.int
     MISS_MARKERS_FIELD_NUMBER: builtins.int
+    BUFFERED_HEARTBEATS_FIELD_NUMBER: builtins.int
+    BUFFERED_WRITES_FIELD_NUMBER: builtins.int
+    MODE_TRANSITIONS_FIELD_NUMBER: builtins.int
+    DEGRADED_MS_FIELD_NUMBER: builtins.int
+    OUTAGES_FIELD_NUMBER: builtins.int
+    LAST_OUTAGE_MS_FIELD_NUMBER: builtins.int
+    REBUILDS_FIELD_NUMBER: builtins.int
+    BUFFER_REFUSED_FIELD_NUMBER: builtins.int
     mode: builtins.str
     """NORMAL, L2_ONLY or LOCAL_ONLY."""
     version: builtins.int
@@ -1210,7 +1218,7 @@ class GetStatusResponse(google.protobuf.message.Message):
     """How long the replica has been behind Redis, in milliseconds (0 in step)."""
     version_checks: builtins.int
     version_check_timeouts: builtins.int
-    """Version checks that did not answer within their timeout."""
+    """Version checks that failed or did not answer within their timeout."""
     catchups: builtins.int
     """Catch-ups the version checker started (the feed had not delivered in time)."""
     repairs: builtins.int
@@ -1221,6 +1229,21 @@ class GetStatusResponse(google.protobuf.message.Message):
     """Entries found to disagree with Redis when revalidated (expected: 0)."""
     miss_markers: builtins.int
     """Unknown ids currently remembered as misses."""
+    buffered_heartbeats: builtins.int
+    """Nodes whose latest heartbeat is buffered (degraded mode)."""
+    buffered_writes: builtins.int
+    """Writes buffered for replay (degraded mode)."""
+    mode_transitions: builtins.int
+    """Mode changes since start (NORMAL -> L2_ONLY -> LOCAL_ONLY -> NORMAL)."""
+    degraded_ms: builtins.int
+    """How long the current degraded period has lasted (0 in NORMAL)."""
+    outages: builtins.int
+    """Degraded periods since start, and how long the last one lasted."""
+    last_outage_ms: builtins.int
+    rebuilds: builtins.int
+    """Times Redis was found to have lost the registry and it was rebuilt."""
+    buffer_refused: builtins.int
+    """Writes refused because the buffer was full."""
     def __init__(
         self,
         *,
@@ -1249,7 +1272,15 @@ class GetStatusResponse(google.protobuf.message.Message):
         revalidated: builtins.int = ...,
         drift: builtins.int = ...,
         miss_markers: builtins.int = ...,
+        buffered_heartbeats: builtins.int = ...,
+        buffered_writes: builtins.int = ...,
+        mode_transitions: builtins.int = ...,
+        degraded_ms: builtins.int = ...,
+        outages: builtins.int = ...,
+        last_outage_ms: builtins.int = ...,
+        rebuilds: builtins.int = ...,
+        buffer_refused: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["catchups", b"catchups", "drift", b"drift", "epoch", b"epoch", "events_applied", b"events_applied", "heartbeat_streams", b"heartbeat_streams", "lag_ms", b"lag_ms", "lag_versions", b"lag_versions", "miss_markers", b"miss_markers", "mode", b"mode", "namespace", b"namespace", "node_count", b"node_count", "pool_count", b"pool_count", "ready", b"ready", "redis_latency_p50_us", b"redis_latency_p50_us", "redis_latency_p99_us", b"redis_latency_p99_us", "redis_version", b"redis_version", "reloads", b"reloads", "repairs", b"repairs", "revalidated", b"revalidated", "staleness_ms", b"staleness_ms", "uptime_ms", b"uptime_ms", "version", b"version", "version_check_timeouts", b"version_check_timeouts", "version_checks", b"version_checks", "watchers", b"watchers"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["buffer_refused", b"buffer_refused", "buffered_heartbeats", b"buffered_heartbeats", "buffered_writes", b"buffered_writes", "catchups", b"catchups", "degraded_ms", b"degraded_ms", "drift", b"drift", "epoch", b"epoch", "events_applied", b"events_applied", "heartbeat_streams", b"heartbeat_streams", "lag_ms", b"lag_ms", "lag_versions", b"lag_versions", "last_outage_ms", b"last_outage_ms", "miss_markers", b"miss_markers", "mode", b"mode", "mode_transitions", b"mode_transitions", "namespace", b"namespace", "node_count", b"node_count", "outages", b"outages", "pool_count", b"pool_count", "ready", b"ready", "rebuilds", b"rebuilds", "redis_latency_p50_us", b"redis_latency_p50_us", "redis_latency_p99_us", b"redis_latency_p99_us", "redis_version", b"redis_version", "reloads", b"reloads", "repairs", b"repairs", "revalidated", b"revalidated", "staleness_ms", b"staleness_ms", "uptime_ms", b"uptime_ms", "version", b"version", "version_check_timeouts", b"version_check_timeouts", "version_checks", b"version_checks", "watchers", b"watchers"]) -> None: ...
 
 Global___GetStatusResponse: typing_extensions.TypeAlias = GetStatusResponse
