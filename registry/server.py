@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 import random
+from collections.abc import Awaitable
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -254,19 +254,28 @@ class Sidecar:
         """
         if self._server is not None:
             server, self._server = self._server, None
-            await _bounded("health NOT_SERVING",
-                           self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+            await _bounded(
+                "health NOT_SERVING", self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
             if self.servicer is not None:
                 self.servicer.close_streams()
-            await _bounded("gRPC server stop", server.stop(self.settings.shutdown_grace_s),
-                           self.settings.shutdown_grace_s + 5)
+            await _bounded(
+                "gRPC server stop",
+                server.stop(self.settings.shutdown_grace_s),
+                self.settings.shutdown_grace_s + 5,
+            )
         if self._expiry is not None:
             self._expiry.cancel()
             await _bounded("expiry loop", asyncio.gather(self._expiry, return_exceptions=True))
             self._expiry = None
-        for name, part in (("revalidator", self._tiers), ("version checker", self._checker),
-                           ("degradation", self._degradation), ("change feed", self._feed),
-                           ("gateway", self._gateway), ("embedded redis", self._embedded)):
+        for name, part in (
+            ("revalidator", self._tiers),
+            ("version checker", self._checker),
+            ("degradation", self._degradation),
+            ("change feed", self._feed),
+            ("gateway", self._gateway),
+            ("embedded redis", self._embedded),
+        ):
             if part is not None:
                 await _bounded(name, part.aclose())
         self._tiers = self._checker = self._degradation = None
