@@ -33,6 +33,11 @@ class ChangeFeed:
         self._reader = gateway.log_reader(block_ms)
         self._task: asyncio.Task[None] | None = None
         self.connected = False
+        self._resync = asyncio.Lock()
+        """Held while a snapshot is read and swapped in (reload, repair, catch-up), and
+        while the tail applies a batch: otherwise the tail could move the replica past a
+        snapshot's version, and swapping the snapshot in would move it back (watchers
+        must never see versions go backwards). Readers never take it."""
         self.redis_version = 0
         """Highest version Redis reported (from a snapshot or the log)."""
 
@@ -67,6 +72,10 @@ class ChangeFeed:
         await self._reader.aclose()
 
     async def reload(self) -> None:
+        async with self._resync:
+            await self._reload()
+
+    async def _reload(self) -> None:
         snap = await self._gateway.snapshot()
         self._replica.replace_all(snap.nodes, snap.version, snap.pools)
         self.redis_version = max(self.redis_version, snap.version)
@@ -92,15 +101,22 @@ class ChangeFeed:
         """Bring the replica up to Redis now, without waiting for the tail: from the log
         if it still holds what is missing, else by repair. Returns which it took."""
         reader = self._gateway.log
-        while True:
-            read = await reader.read(self._replica.version, LOG_BATCH, previous=self._replica.nodes)
-            if not self.apply(read.changes):
-                await self.repair()
-                return "repair"
-            if len(read.changes) < LOG_BATCH:
-                return "log"
+        async with self._resync:
+            while True:
+                read = await reader.read(
+                    self._replica.version, LOG_BATCH, previous=self._replica.nodes
+                )
+                if not self.apply(read.changes):
+                    await self._repair()
+                    return "repair"
+                if len(read.changes) < LOG_BATCH:
+                    return "log"
 
     async def repair(self) -> None:
+        async with self._resync:
+            await self._repair()
+
+    async def _repair(self) -> None:
         """The log lost entries: compare every node's version with Redis and fetch only
         the nodes that differ (a relist, minus the nodes that did not change)."""
         replica = self._replica
@@ -144,7 +160,9 @@ class ChangeFeed:
             if not self.connected:
                 self.connected = True
                 log.info("change feed connected at version %d", replica.version)
-            if not self.apply(read.changes):
+            async with self._resync:
+                applied = self.apply(read.changes)
+            if not applied:
                 log.warning(
                     "change log gap: have %d, log starts at %d; repairing",
                     replica.version,
