@@ -297,14 +297,8 @@ async def put_watch(gate: Gate, *, address: str, changes: int, timeout_s: float)
 
 
 def _keepalive_phase(workers: LoadWorkers, etcd: EtcdProcess, plan: hb.Plan) -> Result:
-    meter = harness.CpuMeter({"server": etcd.pid})
-    cores: dict[str, float] = {}
-
-    def during(go_at: float) -> None:
-        time.sleep(max(go_at + plan.warmup_s - time.monotonic(), 0))
-        meter.start()
-        time.sleep(plan.duration_s)
-        cores.update(meter.stop())
+    metered = harness.Window({"server": etcd.pid}, plan.warmup_s, plan.duration_s)
+    cores = metered.cores
 
     job = {
         "address": etcd.address,
@@ -315,7 +309,7 @@ def _keepalive_phase(workers: LoadWorkers, etcd: EtcdProcess, plan: hb.Plan) -> 
         "duration_s": plan.duration_s,
     }
     (res,) = workers.run(
-        keepalive, [job], timeout_s=plan.warmup_s + plan.duration_s + 120, during=during
+        keepalive, [job], timeout_s=plan.warmup_s + plan.duration_s + 120, during=metered.during
     )
     cores["client"] = round(res["client_cores"], 3)
     cores["others"] = harness.others(cores)

@@ -112,6 +112,23 @@ class CpuMeter:
         return out
 
 
+class Window:
+    """Meters CPU over the measured window of one load run, after its warm-up: pass
+    ``during`` to ``LoadWorkers.run``, read ``cores`` once the run is over."""
+
+    def __init__(self, pids: Mapping[str, int | None], warmup_s: float, duration_s: float) -> None:
+        self._meter = CpuMeter(pids)
+        self._warmup_s = warmup_s
+        self._duration_s = duration_s
+        self.cores: dict[str, float] = {}
+
+    def during(self, go_at: float) -> None:
+        time.sleep(max(go_at + self._warmup_s - time.monotonic(), 0))
+        self._meter.start()
+        time.sleep(self._duration_s)
+        self.cores.update(self._meter.stop())
+
+
 def median_run(runs: Sequence[Result], *key: str) -> Result:
     """The repetition whose ``key`` figure is the median (the lower one for an even count),
     with every repetition's figure under ``repetitions``."""

@@ -291,14 +291,8 @@ def _phase(
     window: int,
     rate: float | None = None,
 ) -> Result:
-    meter = harness.CpuMeter({"server": server.pid, **other_pids})
-    cores: dict[str, float] = {}
-
-    def during(go_at: float) -> None:
-        time.sleep(max(go_at + plan.warmup_s - time.monotonic(), 0))
-        meter.start()
-        time.sleep(duration_s)
-        cores.update(meter.stop())
+    metered = harness.Window({"server": server.pid, **other_pids}, plan.warmup_s, duration_s)
+    cores = metered.cores
 
     job = {
         "address": server.address,
@@ -312,7 +306,9 @@ def _phase(
         "material": plan.material,
         "seed": plan.seed,
     }
-    (res,) = workers.run(drive, [job], timeout_s=plan.warmup_s + duration_s + 120, during=during)
+    (res,) = workers.run(
+        drive, [job], timeout_s=plan.warmup_s + duration_s + 120, during=metered.during
+    )
     lat = harness.latency_summary(res["latencies"])
     lag = harness.latency_summary(res["send_lag"])
     out: Result = {

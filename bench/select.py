@@ -272,14 +272,8 @@ def _e2e(
     name: str,
     conc: int,
 ) -> Result:
-    meter = harness.CpuMeter({"server": server.pid, **others})
-    cores: dict[str, float] = {}
-
-    def during(go_at: float) -> None:
-        time.sleep(max(go_at + plan.warmup_s - time.monotonic(), 0))
-        meter.start()
-        time.sleep(plan.duration_s)
-        cores.update(meter.stop())
+    metered = harness.Window({"server": server.pid, **others}, plan.warmup_s, plan.duration_s)
+    cores = metered.cores
 
     job = {
         "address": server.address,
@@ -289,7 +283,7 @@ def _e2e(
         "duration_s": plan.duration_s,
     }
     (res,) = workers.run(
-        call_select, [job], timeout_s=plan.warmup_s + plan.duration_s + 60, during=during
+        call_select, [job], timeout_s=plan.warmup_s + plan.duration_s + 60, during=metered.during
     )
     lat = harness.latency_summary(res["latencies"])
     cores["client"] = round(res["client_cores"], 3)

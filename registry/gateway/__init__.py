@@ -641,6 +641,27 @@ class LogReader:
         return LogRead(changes=changes, first_version=first)
 
 
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`` ->
+    (sentinels, service, db, password)."""
+    rest = url[len("redis+sentinel://") :]
+    password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        password = auth.split(":", 1)[-1] or None
+    hosts, _, path = rest.partition("/")
+    service, _, db = path.partition("/")
+    if not service:
+        raise ValueError("redis+sentinel:// URL needs a service name: .../mymaster")
+    sentinels = []
+    for host in hosts.split(","):
+        name, sep, port = host.rpartition(":")
+        if not sep:  # no port given
+            name, port = host, ""
+        sentinels.append((name or "127.0.0.1", int(port or 26379)))
+    return sentinels, service, int(db or 0), password
+
+
 def connect(
     url: str,
     timeout_s: float,
@@ -671,26 +692,12 @@ def connect(
     if not url.startswith("redis+sentinel://"):
         client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
         return client
-    rest = url[len("redis+sentinel://") :]
-    password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        password = auth.split(":", 1)[-1] or None
-    hosts, _, path = rest.partition("/")
-    service, _, db = path.partition("/")
-    if not service:
-        raise ValueError("redis+sentinel:// URL needs a service name: .../mymaster")
-    sentinels = []
-    for host in hosts.split(","):
-        h, _, p = host.rpartition(":")
-        sentinels.append((h or "127.0.0.1", int(p or 26379)))
+    sentinels, service, db, password = parse_sentinel_url(url)
     options.pop("max_connections")
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         sentinels, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout or timeout_s
     )
-    primary: aioredis.Redis = sentinel.master_for(
-        service, password=password, db=int(db or 0), **options
-    )
+    primary: aioredis.Redis = sentinel.master_for(service, password=password, db=db, **options)
     return primary
 
 
@@ -704,20 +711,10 @@ def connect_sync(url: str, timeout_s: float, name: str) -> redis.Redis:
     }
     if not url.startswith("redis+sentinel://"):
         return redis.Redis.from_url(url, **options)
-    rest = url[len("redis+sentinel://") :]
-    password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        password = auth.split(":", 1)[-1] or None
-    hosts, _, path = rest.partition("/")
-    service, _, db = path.partition("/")
-    sentinels = [
-        (h.rpartition(":")[0] or "127.0.0.1", int(h.rpartition(":")[2] or 26379))
-        for h in hosts.split(",")
-    ]
+    sentinels, service, db, password = parse_sentinel_url(url)
     sentinel = SyncSentinel(sentinels, socket_timeout=timeout_s)  # type: ignore[no-untyped-call]
     primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        service, password=password, db=int(db or 0), **options
+        service, password=password, db=db, **options
     )
     return primary
 
