@@ -11,6 +11,7 @@ from pathlib import Path
 from registry.model import SelectionWeights
 
 ENV_PREFIX = "REGISTRY_"
+EXPORTERS = ("", "otlp", "console")
 HEALTH_WEIGHT_NAMES = ("cpu", "gpu", "mem", "load", "heartbeat_delay", "error_rate")
 
 
@@ -108,12 +109,26 @@ class Settings:
     """Python logging level."""
     log_format: str = "text"
     """``text`` or ``json`` (one object a line)."""
+    metrics_listen: str = ""
+    """HOST:PORT of the Prometheus ``/metrics`` endpoint; off when empty."""
+    metrics_exporter: str = ""
+    """``otlp`` or ``console`` to push metrics too (besides ``/metrics``); off when empty.
+    Defaults from ``OTEL_METRICS_EXPORTER``, or ``otlp`` when an OTLP endpoint is set."""
+    traces_exporter: str = ""
+    """``otlp`` or ``console`` to export a span per RPC with Redis calls as children; off
+    when empty. Defaults from ``OTEL_TRACES_EXPORTER``, or ``otlp`` when an OTLP endpoint
+    is set. Endpoint, headers, sampler and service name come from the ``OTEL_*`` variables."""
 
     def __post_init__(self) -> None:
         if self.default_ttl_ms < self.min_ttl_ms or self.default_ttl_ms > self.max_ttl_ms:
             raise ValueError("default_ttl_ms must lie within [min_ttl_ms, max_ttl_ms]")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        for name in ("metrics_exporter", "traces_exporter"):
+            if getattr(self, name) not in EXPORTERS:
+                raise ValueError(f"{name} must be one of {EXPORTERS}")
+        if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
+            raise ValueError("metrics_listen must be HOST:PORT")
         self.weights()  # raises ValueError on a malformed health_weights
         for name in (
             "offline_grace_ms",
@@ -210,7 +225,21 @@ def from_sources(
         if raw is None or raw == "":
             continue
         values[name] = _convert(name, str(raw))
+    for signal in ("metrics", "traces"):
+        values.setdefault(f"{signal}_exporter", _otel_exporter(env, signal))
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def _otel_exporter(env: Mapping[str, str], signal: str) -> str:
+    """The exporter the standard ``OTEL_*`` variables ask for: ``OTEL_<SIGNAL>_EXPORTER``
+    (``none`` is off), else ``otlp`` when an OTLP endpoint is set, else off."""
+    chosen = env.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
+    if chosen:
+        first = chosen.split(",", 1)[0].strip()
+        # "prometheus" is served by metrics_listen (a pull endpoint), not pushed.
+        return "" if first in ("none", "prometheus") else first
+    endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    return "otlp" if any(env.get(name) for name in endpoints) else ""
 
 
 def parse(argv: Sequence[str] | None = None) -> Settings:

@@ -124,6 +124,8 @@ class WriteBuffer:
         self._max_ops = max_ops
         self._max_heartbeats = max_heartbeats
         self.refused = 0
+        self.accepted: Counter[str] = Counter()
+        """Writes taken into the buffer since start, by kind (``heartbeat`` included)."""
 
     def add(self, kind: str, *args: Any) -> None:
         if len(self.ops) >= self._max_ops:
@@ -133,6 +135,7 @@ class WriteBuffer:
                 "writes); retry once Redis is back"
             )
         self.ops.append((kind, args))
+        self.accepted[kind] += 1
 
     def add_heartbeat(self, hb: HeartbeatIn) -> None:
         """The latest heartbeat per node is all that matters (liveness, metrics)."""
@@ -143,6 +146,7 @@ class WriteBuffer:
                 "are buffered; retry once Redis is back"
             )
         self.heartbeats[hb.node_id] = hb
+        self.accepted["heartbeat"] += 1
 
 
 class Degradation:
@@ -183,6 +187,8 @@ class Degradation:
         self.last_outage_ms = 0
         self.rebuilds = 0
         self._last_tick = time.monotonic()
+        self.loop_lags: deque[float] = deque(maxlen=int(1 / LOOP_TICK_S))
+        """How late the loop ticker woke, over about the last second."""
         self._detected_at: float | None = None
         """Set by the watchdog thread the moment it sees Redis fail (GIL-atomic)."""
         self._ticker: asyncio.Task[None] | None = None
@@ -203,10 +209,14 @@ class Degradation:
             self._watchdog.start()
 
     async def _tick_loop(self) -> None:
-        """Marks the event loop as responsive; a stall shows as an old mark."""
+        """Marks the event loop as responsive; a stall shows as an old mark. How late each
+        tick wakes is the loop's lag (kept for the metrics)."""
+        self._last_tick = time.monotonic()
         while True:
-            self._last_tick = time.monotonic()
             await asyncio.sleep(LOOP_TICK_S)
+            now = time.monotonic()
+            self.loop_lags.append(max(now - self._last_tick - LOOP_TICK_S, 0.0))
+            self._last_tick = now
 
     # --- state ------------------------------------------------------------------------
 
@@ -227,6 +237,14 @@ class Degradation:
             age = time.monotonic() - self._replica.synced_at
             if age > self._l2:
                 self._set(Mode.LOCAL_ONLY, f"replica older than the L2 TTL ({self._l2:g} s)")
+        return self._mode
+
+    @property
+    def observed_mode(self) -> Mode:
+        """The mode as ``mode`` would report it, without moving it: safe to read from
+        another thread (the metrics endpoint's)."""
+        if self._mode is Mode.L2_ONLY and time.monotonic() - self._replica.synced_at > self._l2:
+            return Mode.LOCAL_ONLY
         return self._mode
 
     @property

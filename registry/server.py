@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace.export import SpanExporter
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from registry.cache import Replica
@@ -25,8 +27,10 @@ from registry.degradation import Degradation
 from registry.embedded_redis import EmbeddedRedis
 from registry.errors import Unavailable
 from registry.gateway import Gateway
+from registry.metrics import Metrics, Parts
 from registry.servicer import RegistryServicer
 from registry.tiers import Tiers
+from registry.tracing import Tracing
 from registry.versions import VersionChecker
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
@@ -39,8 +43,20 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
 class Sidecar:
     """One running sidecar. ``async with Sidecar(settings) as sc`` serves at ``sc.address``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metric_readers: Iterable[MetricReader] = (),
+        span_exporter: SpanExporter | None = None,
+    ) -> None:
+        """``metric_readers`` and ``span_exporter`` add to what the settings configure
+        (tests read metrics and spans in memory through them)."""
         self.settings = settings
+        self._metric_readers = list(metric_readers)
+        self._span_exporter = span_exporter
+        self.metrics: Metrics | None = None
+        self._tracing: Tracing | None = None
         self.port = 0
         self._embedded: EmbeddedRedis | None = None
         self._gateway: Gateway | None = None
@@ -170,7 +186,23 @@ class Sidecar:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        server = grpc.aio.server(options=options)
+        self.metrics = Metrics(s, self._metric_readers)
+        self._tracing = Tracing(s, self._span_exporter)
+        self._tracing.instrument(self._gateway)
+        self.servicer.tracer = self._tracing.tracer
+        self.metrics.start(
+            Parts(
+                self._gateway,
+                self.replica,
+                self._checker,
+                self._tiers,
+                self._degradation,
+                self.servicer,
+            )
+        )
+        # Tracing first, so the RPC timer's measurement happens inside the RPC's span.
+        interceptors = [*self._tracing.interceptors(), *self.metrics.interceptors()]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_RegistryServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -278,6 +310,10 @@ class Sidecar:
         ):
             if part is not None:
                 await _bounded(name, part.aclose())
+        if self.metrics is not None:
+            self.metrics.shutdown()
+        if self._tracing is not None:
+            self._tracing.shutdown()
         self._tiers = self._checker = self._degradation = None
         self._feed = None
         self._gateway = None

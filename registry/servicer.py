@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
+from opentelemetry.trace import Span, Tracer
 
 from registry import convert, validation
 from registry.cache import Replica, for_pool
@@ -78,6 +79,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[..., Awaitable[R]]
 
 
+RESERVE_OUTCOMES: dict[type[RegistryError], str] = {
+    NotFound: "not_found",
+    FailedPrecondition: "not_online",
+    ResourceExhausted: "full",
+    AlreadyExists: "held_elsewhere",
+    Unavailable: "unavailable",
+}
+"""How a failed reservation is counted (``registry.reservations`` by outcome)."""
+
+
 def status_of(exc: RegistryError) -> grpc.StatusCode:
     for kind in type(exc).__mro__:
         if kind in STATUS:
@@ -134,7 +145,15 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         """Node ids of the open heartbeat streams (a stream counts its first node)."""
         self._started = time.monotonic()
         self.heartbeat_streams = 0
+        self.heartbeats_received = 0
+        self.heartbeat_acks: collections.Counter[HeartbeatOutcome] = collections.Counter()
+        self.reservations: collections.Counter[tuple[str, str]] = collections.Counter()
+        """(rpc, outcome) -> count: created, renewed, or why it failed."""
+        self.empty_selections: collections.Counter[str] = collections.Counter()
+        """rpc -> selections that found no eligible node."""
         self._closing = False
+        self.tracer: Tracer | None = None
+        """Set when tracing is on: a span per heartbeat message."""
         self._closers: set[Callable[[], object]] = set()
         """One per open stream: ends it so shutdown need not wait out the grace period."""
 
@@ -205,8 +224,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         stream ends with the queue full; a semaphore bounds the heartbeats in flight.
         """
         pending: asyncio.Queue[
-            tuple[int, HeartbeatIn, asyncio.Future[HeartbeatResult] | None] | None
+            tuple[int, HeartbeatIn, asyncio.Future[HeartbeatResult] | None, Span | None] | None
         ] = asyncio.Queue()
+        tracer = self.tracer
         in_flight = asyncio.Semaphore(HEARTBEAT_IN_FLIGHT)
         failure: list[RegistryError] = []
         streamed: list[str] = []
@@ -219,12 +239,21 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     except RegistryError as exc:
                         failure.append(exc)
                         return
+                    self.heartbeats_received += 1
                     if not streamed:
                         streamed.append(beat.node_id)
                         self._streamed[beat.node_id] += 1
                     await in_flight.acquire()
-                    sent = None if self._deg.degraded else self._gateway.submit_heartbeat(beat)
-                    pending.put_nowait((req.seq, beat, sent))
+                    span = None
+                    if tracer is not None:
+                        span = tracer.start_span(
+                            "Heartbeat message",
+                            attributes={"registry.node_id": beat.node_id, "registry.seq": req.seq},
+                        )
+                    sent = (
+                        None if self._deg.degraded else self._gateway.submit_heartbeat(beat, span)
+                    )
+                    pending.put_nowait((req.seq, beat, sent, span))
             finally:
                 pending.put_nowait(None)
 
@@ -233,7 +262,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self._closers.add(reader.cancel)
         try:
             while (item := await pending.get()) is not None:
-                seq, beat, fut = item
+                seq, beat, fut, span = item
                 try:
                     if fut is None:
                         result = self._buffer(beat)
@@ -248,6 +277,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 except RegistryError as exc:
                     await context.abort(status_of(exc), str(exc))
                 in_flight.release()
+                self.heartbeat_acks[result.outcome] += 1
+                if span is not None:
+                    span.set_attribute("registry.heartbeat.outcome", result.outcome.name)
+                    span.end()
                 yield _heartbeat_response(seq, result, self._s.heartbeat_interval_ms)
             if failure:
                 await context.abort(status_of(failure[0]), str(failure[0]))
@@ -266,6 +299,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 left = pending.get_nowait()
                 if left is not None and left[2] is not None:
                     left[2].cancel()
+                if left is not None and left[3] is not None:
+                    left[3].end()
 
     def _buffer(self, beat: HeartbeatIn) -> HeartbeatResult:
         """Degraded: keep the heartbeat for replay and acknowledge it as BUFFERED."""
@@ -333,8 +368,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         lease = validation.check_ttl(
             "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
         )
-        self._deg.refuse("ReserveSlot")
-        res = await self._gateway.reserve(node_id, job_id, lease)
+        try:
+            self._deg.refuse("ReserveSlot")
+            res = await self._gateway.reserve(node_id, job_id, lease)
+        except RegistryError as exc:
+            self._count_failed_reservation("ReserveSlot", exc)
+            raise
+        self.reservations[("ReserveSlot", "created" if res.created else "renewed")] += 1
         self._replica.apply_local(res.node, node_id, res.node.version)
         return pb.ReserveSlotResponse(
             node=convert.node_to_pb(res.node),
@@ -396,6 +436,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         sel = validation.check_selector(convert.selector_from_pb(request))
         self._require_ready()
         result = select(self._replica, sel, defaults=self._weights)
+        if not result.nodes:
+            self.empty_selections["SelectNodes"] += 1
         return pb.SelectNodesResponse(
             nodes=[convert.node_to_pb(n) for n in result.nodes],
             breakdown=convert.breakdown_to_pb(result.breakdown),
@@ -528,16 +570,22 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
         )
         self._require_ready()
-        self._deg.refuse("Schedule")
-        done = await schedule(
-            self._gateway,
-            self._replica,
-            sel,
-            job_id,
-            lease,
-            attempts=s.schedule_attempts,
-            weights=self._weights,
-        )
+        try:
+            self._deg.refuse("Schedule")
+            done = await schedule(
+                self._gateway,
+                self._replica,
+                sel,
+                job_id,
+                lease,
+                attempts=s.schedule_attempts,
+                weights=self._weights,
+            )
+        except RegistryError as exc:
+            self._count_failed_reservation("Schedule", exc)
+            raise
+        created = done.reservation.created
+        self.reservations[("Schedule", "created" if created else "renewed")] += 1
         node = done.reservation.node
         self._replica.apply_local(node, node.node_id, node.version)
         return pb.ScheduleResponse(
@@ -547,6 +595,15 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             attempts=done.attempts,
             created=done.reservation.created,
         )
+
+    def _count_failed_reservation(self, rpc: str, exc: RegistryError) -> None:
+        outcome = RESERVE_OUTCOMES.get(type(exc), "error")
+        if self._deg.degraded and isinstance(exc, Unavailable):
+            outcome = "refused_degraded"
+        if rpc == "Schedule" and isinstance(exc, ResourceExhausted):
+            outcome = "no_candidate"
+            self.empty_selections[rpc] += 1
+        self.reservations[(rpc, outcome)] += 1
 
     @_mapped
     async def PutPool(self, request: pb.PutPoolRequest, context: Context) -> pb.PutPoolResponse:

@@ -84,9 +84,16 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
     at the end of the test."""
     started: list[Sidecar] = []
 
-    async def make(redis_url: str, namespace: str, **overrides: Any) -> Sidecar:
+    async def make(
+        redis_url: str,
+        namespace: str,
+        *,
+        span_exporter: Any = None,
+        metric_readers: Any = (),
+        **overrides: Any,
+    ) -> Sidecar:
         settings = replace(TEST_SETTINGS, redis_url=redis_url, namespace=namespace, **overrides)
-        sidecar = Sidecar(settings)
+        sidecar = Sidecar(settings, span_exporter=span_exporter, metric_readers=metric_readers)
         started.append(sidecar)
         await sidecar.start()
         return sidecar

@@ -10,6 +10,7 @@ so a bounded retry on connection errors (redis-py's ``Retry``) is allowed.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import secrets
@@ -22,6 +23,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from opentelemetry import trace
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -162,8 +164,12 @@ class LogRead:
     """Version of the oldest entry still in the log (0 when empty)."""
 
 
+Recorder = Callable[[str, float, BaseException | None], None]
+"""Told every timed Redis operation: its name, seconds taken, and the failure if any."""
+
+
 class LatencyWindow:
-    """Recent Redis round trips, for GetStatus percentiles (metrics come later)."""
+    """Recent Redis round trips, for GetStatus percentiles (metrics have histograms)."""
 
     def __init__(self, size: int = 1024) -> None:
         self._samples: deque[float] = deque(maxlen=size)
@@ -176,6 +182,42 @@ class LatencyWindow:
             return 0.0
         ordered = sorted(self._samples)
         return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+class _Op:
+    """Times one Redis operation, tells the breaker and the recorder, and turns a Redis
+    failure into ``Unavailable``. A plain ``with`` (no allocation of a generator), since
+    every hot-path call goes through it."""
+
+    __slots__ = ("_gw", "_hot", "_name", "_script", "_start")
+
+    def __init__(self, gw: Gateway, name: str, hot: bool, script: bool) -> None:
+        self._gw = gw
+        self._name = name
+        self._hot = hot
+        self._script = script
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        elapsed = time.perf_counter() - self._start
+        gw = self._gw
+        if gw.recorder is not None and (exc is None or isinstance(exc, (RedisError, OSError))):
+            gw.recorder(self._name, elapsed, exc)
+        if exc is None:
+            if self._hot:
+                gw._observe(None)
+                gw.latency.add(elapsed)
+            return
+        if not isinstance(exc, (RedisError, OSError)):
+            return
+        # A script's own error (a ResponseError) says nothing about Redis being reachable.
+        transport = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+        if self._hot and (transport or not self._script):
+            gw._observe(exc)
+        raise Unavailable(f"redis unavailable during {self._name}: {exc}") from exc
 
 
 class Gateway:
@@ -218,9 +260,13 @@ class Gateway:
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(body) for name, body in _load_scripts().items()
         }
-        self._pending: list[tuple[HeartbeatIn, asyncio.Future[HeartbeatResult]]] = []
+        self._pending: list[tuple[HeartbeatIn, asyncio.Future[HeartbeatResult], Any]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.latency = LatencyWindow()
+        self.recorder: Recorder | None = None
+        """Told every timed operation (the metrics' Redis latency histogram)."""
+        self.tracer: trace.Tracer | None = None
+        """Set when tracing is on: each heartbeat batch gets a span."""
         self.log = LogReader(self.bulk, self.keys, None, owned=False)
         """Non-blocking reads of the change log on the shared pool (catch-up, resume)."""
 
@@ -274,18 +320,12 @@ class Gateway:
         else:
             self.observer("error", f"{type(exc).__name__}: {exc}")
 
+    def _op(self, name: str, *, hot: bool = True, script: bool = False) -> _Op:
+        return _Op(self, name, hot, script)
+
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        start = time.perf_counter()
-        try:
-            result = await self._scripts[name](keys=list(keys), args=list(args))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            self._observe(exc)
-            raise Unavailable(f"redis unavailable during {name}: {exc}") from exc
-        except RedisError as exc:
-            raise Unavailable(f"redis error during {name}: {exc}") from exc
-        self._observe(None)
-        self.latency.add(time.perf_counter() - start)
-        return result
+        with _Op(self, name, True, True):
+            return await self._scripts[name](keys=list(keys), args=list(args))
 
     # --- setup -----------------------------------------------------------------------
 
@@ -295,12 +335,10 @@ class Gateway:
         The version counter is also pulled forward to the log's last id: if the counter
         were ever behind the log (partial restore), XADD with an explicit id would fail.
         """
-        try:
+        with self._op("ensure_epoch", hot=False):
             await self.bulk.set(self.keys.epoch, secrets.token_hex(8), nx=True)
             epoch = _text(await self.bulk.get(self.keys.epoch))
             last = await self.bulk.xrevrange(self.keys.log, count=1)
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"redis unavailable: {exc}") from exc
         if last:
             await self.lift(int(_text(last[0][0]).split("-", 1)[0]))
         self.epoch = epoch
@@ -308,12 +346,8 @@ class Gateway:
 
     async def read_epoch(self) -> str | None:
         """The data set's identity as Redis has it now (None: Redis lost it)."""
-        try:
+        with self._op("GET epoch"):
             raw = await self.redis.get(self.keys.epoch)
-        except (RedisError, OSError) as exc:
-            self._observe(exc)
-            raise Unavailable(f"redis unavailable: {exc}") from exc
-        self._observe(None)
         return None if raw is None else _text(raw)
 
     async def lift(self, floor: int) -> int:
@@ -323,12 +357,8 @@ class Gateway:
         return int(await self._call("lift", [self.keys.version], [floor]))
 
     async def ping(self) -> None:
-        try:
+        with self._op("PING"):
             await self.redis.ping()
-        except (RedisError, OSError) as exc:
-            self._observe(exc)
-            raise Unavailable(f"redis unavailable: {exc}") from exc
-        self._observe(None)
 
     # --- writes ----------------------------------------------------------------------
 
@@ -341,17 +371,24 @@ class Gateway:
         )
         return node_from_fields(spec.node_id, _pairs(flat)), bool(changed)
 
-    def submit_heartbeat(self, hb: HeartbeatIn) -> asyncio.Future[HeartbeatResult]:
+    def submit_heartbeat(
+        self, hb: HeartbeatIn, span: trace.Span | None = None
+    ) -> asyncio.Future[HeartbeatResult]:
         """Queue a heartbeat; concurrent heartbeats share one script call.
 
         While one batch is in flight, the next one collects, so the batch size follows
         the load without adding a timer delay to a lone heartbeat. Returns a plain
         future (no task per heartbeat: this is the hottest path of the sidecar).
+        ``span`` (tracing on) is the message's span, which its batch's span links to.
         """
         future: asyncio.Future[HeartbeatResult] = asyncio.get_running_loop().create_future()
-        self._pending.append((hb, future))
+        self._pending.append((hb, future, span))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flush")
+            # A context of its own: the flusher serves every stream, not the one whose
+            # heartbeat happened to start it (its spans must not land in that trace).
+            self._flusher = asyncio.create_task(
+                self._flush_heartbeats(), name="heartbeat-flush", context=contextvars.Context()
+            )
         return future
 
     async def heartbeat(self, hb: HeartbeatIn) -> HeartbeatResult:
@@ -361,14 +398,24 @@ class Gateway:
         while self._pending:
             batch = self._pending[: self._batch_max]
             del self._pending[: self._batch_max]
+            beats = [hb for hb, _, _ in batch]
             try:
-                results = await self._heartbeat_batch([hb for hb, _ in batch])
+                if self.tracer is None:
+                    results = await self._heartbeat_batch(beats)
+                else:
+                    links = [trace.Link(span.get_span_context()) for _, _, span in batch if span]
+                    with self.tracer.start_as_current_span(
+                        "heartbeat batch",
+                        links=links,
+                        attributes={"registry.batch.size": len(batch)},
+                    ):
+                        results = await self._heartbeat_batch(beats)
             except Exception as exc:  # every waiter gets the failure
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for (_, fut), result in zip(batch, results, strict=True):
+            for (_, fut, _), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
 
@@ -482,21 +529,13 @@ class Gateway:
 
     async def state(self) -> tuple[int, str | None]:
         """The registry version and the data set's epoch, in one round trip."""
-        try:
+        with self._op("MGET version epoch"):
             raw_version, raw_epoch = await self.redis.mget(self.keys.version, self.keys.epoch)
-        except (RedisError, OSError) as exc:
-            self._observe(exc)
-            raise Unavailable(f"redis unavailable: {exc}") from exc
-        self._observe(None)
         return int(_text(raw_version or 0)), None if raw_epoch is None else _text(raw_epoch)
 
     async def version(self) -> int:
-        try:
+        with self._op("GET version"):
             raw = await self.redis.get(self.keys.version)
-        except (RedisError, OSError) as exc:
-            self._observe(exc)
-            raise Unavailable(f"redis unavailable: {exc}") from exc
-        self._observe(None)
         return int(_text(raw or 0))
 
     async def snapshot(self) -> Snapshot:
@@ -505,21 +544,17 @@ class Gateway:
         The version is read first: tailing the log from it may replay changes the
         snapshot already holds, which the replica skips by node version.
         """
-        try:
+        with self._op("snapshot", hot=False):
             version = int(_text(await self.bulk.get(self.keys.version) or 0))
             members: set[Any] = await self.bulk.smembers(self.keys.nodes)  # type: ignore[misc]
             nodes = await self._read_nodes(sorted(_text(i) for i in members))
             pools = await self._read_pools()
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"redis unavailable during snapshot: {exc}") from exc
         return Snapshot(version=version, nodes=nodes, pools=pools)
 
     async def read_nodes(self, ids: Sequence[str]) -> list[Node]:
         """The nodes of ``ids`` that exist, in pipelined batches."""
-        try:
+        with self._op("read_nodes", hot=False):
             return await self._read_nodes(ids)
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"redis unavailable: {exc}") from exc
 
     async def _read_nodes(self, ids: Sequence[str]) -> list[Node]:
         nodes: list[Node] = []
@@ -541,7 +576,7 @@ class Gateway:
         nodes changed and fetch only those. The registry version is read first: a node
         changed after it shows a higher version, which only costs a needless fetch.
         """
-        try:
+        with self._op("node_versions", hot=False):
             version = int(_text(await self.bulk.get(self.keys.version) or 0))
             if ids is None:
                 members: set[Any] = await self.bulk.smembers(self.keys.nodes)  # type: ignore[misc]
@@ -556,15 +591,11 @@ class Gateway:
                 for node_id, raw in zip(chunk, rows, strict=True):
                     if raw is not None:
                         out[node_id] = int(_text(raw))
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"redis unavailable: {exc}") from exc
         return version, out
 
     async def read_pools(self) -> list[Pool]:
-        try:
+        with self._op("read_pools", hot=False):
             return await self._read_pools()
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"redis unavailable: {exc}") from exc
 
     async def _read_pools(self) -> list[Pool]:
         members: set[Any] = await self.bulk.smembers(self.keys.pools)  # type: ignore[misc]
@@ -582,19 +613,13 @@ class Gateway:
 
     async def job_holder(self, job_id: str) -> str | None:
         """The node whose slot the job holds, if any."""
-        try:
+        with self._op("HGET jobnode"):
             holder = await self.redis.hget(self.keys.jobnode, job_id)  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
-            self._observe(exc)
-            raise Unavailable(f"redis unavailable: {exc}") from exc
         return None if holder is None else _text(holder)
 
     async def read_node(self, node_id: str) -> Node | None:
-        try:
+        with self._op("HGETALL node"):
             row: dict[Any, Any] = await self.redis.hgetall(self.keys.node(node_id))  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
-            self._observe(exc)
-            raise Unavailable(f"redis unavailable: {exc}") from exc
         return node_from_fields(node_id, _pairs(_flatten(row))) if row else None
 
 

@@ -89,6 +89,9 @@ def test_settings_are_frozen() -> None:
         ({"REGISTRY_DEFAULT_TTL_MS": "4000000"}, "default_ttl_ms"),
         ({"REGISTRY_FEED_BLOCK_MS": "0"}, "feed_block_ms must be positive"),
         ({"REGISTRY_WATCH_QUEUE_MAX": "-1"}, "watch_queue_max must be positive"),
+        ({"REGISTRY_METRICS_LISTEN": "localhost"}, "metrics_listen must be HOST:PORT"),
+        ({"REGISTRY_TRACES_EXPORTER": "zipkin"}, "traces_exporter must be one of"),
+        ({"OTEL_METRICS_EXPORTER": "jaeger"}, "metrics_exporter must be one of"),
     ],
 )
 def test_bad_values_raise(env: dict[str, str], message: str) -> None:
@@ -99,3 +102,26 @@ def test_bad_values_raise(env: dict[str, str], message: str) -> None:
 def test_bad_flag_value_raises_even_when_environment_is_good() -> None:
     with pytest.raises(ValueError, match="invalid literal"):
         config.from_sources(_args("--log-maxlen", "lots"), environ={"REGISTRY_LOG_MAXLEN": "100"})
+
+
+@pytest.mark.parametrize(
+    ("env", "metrics", "traces"),
+    [
+        ({}, "", ""),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, "otlp", "otlp"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, "", "otlp"),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "none"}, "", "console"),
+        ({"OTEL_METRICS_EXPORTER": "prometheus"}, "", ""),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"},
+            "otlp",
+            "",
+        ),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "REGISTRY_TRACES_EXPORTER": "console"}, "", "console"),
+    ],
+)
+def test_exporters_follow_the_standard_otel_variables(
+    env: dict[str, str], metrics: str, traces: str
+) -> None:
+    settings = config.from_sources(_args(), environ=env)
+    assert (settings.metrics_exporter, settings.traces_exporter) == (metrics, traces)
