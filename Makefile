@@ -23,7 +23,7 @@ IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: help venv redis-check node-deps run test test-fast lint fmt typecheck proto \
-	proto-check buf-lint bench clean
+	proto-check buf-lint buf-breaking bench clean
 
 help: ## List targets
 	@echo "usage: make <target> [ARGS=...] [PYTEST_ARGS=...]"
@@ -91,7 +91,7 @@ bench: venv redis-check ## Run the benchmarks; ARGS=...
 
 # --------------------------------------------------------------------------- checks
 
-test: venv redis-check node-deps lint typecheck proto-check buf-lint ## Every check, then the whole test suite
+test: venv redis-check node-deps lint typecheck proto-check buf-lint buf-breaking ## Every check, then the whole test suite
 	$(PY) -m pytest $(PYTEST_MARK) $(PYTEST_ARGS)
 
 test-fast: PYTEST_MARK := -m "not slow"
@@ -116,6 +116,21 @@ proto-check: venv ## Fail when the committed stubs are stale
 
 buf-lint: node-deps ## buf lint proto/ (see buf.yaml)
 	npx --no-install buf lint
+
+# The contract must not break silently: proto/ against the previous commit (and against
+# HEAD too when proto/ has uncommitted changes). Lint-only without a previous proto.
+buf-breaking: node-deps ## buf breaking: proto/ against the previous commit (FILE rules)
+	@if ! git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null 2>&1 \
+		|| ! git cat-file -e 'HEAD~1:proto' 2>/dev/null; then \
+		echo "buf breaking: no previous commit with proto/ (shallow or first clone): lint only"; \
+	else \
+		echo "buf breaking against HEAD~1"; \
+		npx --no-install buf breaking --against '.git#ref=HEAD~1'; \
+		if ! git diff --quiet HEAD -- proto; then \
+			echo "buf breaking against HEAD (proto/ has uncommitted changes)"; \
+			npx --no-install buf breaking --against '.git#ref=HEAD'; \
+		fi; \
+	fi
 
 # --------------------------------------------------------------------------- housekeeping
 
