@@ -86,6 +86,12 @@ class Settings:
     """Writes (register, deregister, drain, release, pools) buffered while degraded."""
     heartbeat_buffer_max: int = 100_000
     """Nodes whose latest heartbeat is buffered while degraded."""
+    reservation_policy: str = "reject"
+    """ReserveSlot and Schedule while Redis is unreachable: ``reject`` (UNAVAILABLE, retry
+    advice) or ``local`` (granted from the local view within ``local_slot_budget``,
+    replayed on recovery; a node may be overcommitted, see docs/reliability.md)."""
+    local_slot_budget: int = 1
+    """Policy ``local``: slots this sidecar may grant on one node during one outage."""
     self_preservation_pause_ms: int = 3_000
     """A pause in expiry runs longer than this (no sidecar reached Redis) moves every
     deadline forward by the pause instead of expiring the fleet."""
@@ -124,6 +130,8 @@ class Settings:
             raise ValueError("default_ttl_ms must lie within [min_ttl_ms, max_ttl_ms]")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        if self.reservation_policy not in ("reject", "local"):
+            raise ValueError("reservation_policy must be 'reject' or 'local'")
         for name in ("metrics_exporter", "traces_exporter"):
             if getattr(self, name) not in EXPORTERS:
                 raise ValueError(f"{name} must be one of {EXPORTERS}")
@@ -141,6 +149,7 @@ class Settings:
             "watchdog_interval_ms",
             "write_buffer_max",
             "heartbeat_buffer_max",
+            "local_slot_budget",
             "self_preservation_pause_ms",
             "recovery_probe_max_ms",
             "feed_block_ms",

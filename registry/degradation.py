@@ -35,21 +35,38 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import random
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from registry.cache import Replica
 from registry.changefeed import ChangeFeed
-from registry.errors import RegistryError, Unavailable
+from registry.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    RegistryError,
+    ResourceExhausted,
+    Unavailable,
+)
 from registry.gateway import Gateway
-from registry.model import HeartbeatIn, HeartbeatOutcome, Node, NodeSpec
+from registry.model import (
+    HeartbeatIn,
+    HeartbeatOutcome,
+    Node,
+    NodeSpec,
+    NodeStatus,
+    Reservation,
+)
+from registry.scheduler import Slots
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +166,70 @@ class WriteBuffer:
         self.accepted["heartbeat"] += 1
 
 
+class LocalSlots:
+    """Slots granted from the local view while Redis is unreachable (policy ``local``).
+
+    A grant needs the node ONLINE in the replica with a free slot counting this
+    sidecar's earlier grants, and at most ``budget`` grants per node per outage. Each is
+    buffered as a ``reserve`` write and replayed in order on recovery, where it is
+    recorded even on a node that filled up meanwhile: it was acknowledged. So a node's
+    overcommit is bounded by the grants other sidecars made on it during the same
+    outage: at most ``budget`` x (sidecars that were degraded) slots beyond capacity.
+    """
+
+    def __init__(self, replica: Replica, buffer: WriteBuffer, budget: int) -> None:
+        self._replica = replica
+        self._buffer = buffer
+        self.budget = budget
+        self.granted: dict[str, dict[str, int]] = {}
+        """node_id -> job_id -> lease deadline (ms, wall clock), not yet replayed."""
+        self.counts: Counter[str] = Counter()
+        """granted, renewed, replayed, dropped (no longer applicable on replay)."""
+
+    async def reserve(self, node_id: str, job_id: str, lease_ms: int) -> Reservation:
+        holder = await self.job_holder(job_id)
+        if holder is not None and holder != node_id:
+            raise AlreadyExists(f"job {job_id!r} already holds a slot on node {holder!r}", holder)
+        node = self._replica.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id!r} is not registered")
+        grants = self.granted.get(node_id, {})
+        created = job_id not in grants
+        if created:
+            if node.status is not NodeStatus.ONLINE:
+                raise FailedPrecondition(f"node {node_id!r} is {node.status.value}, not ONLINE")
+            if node.running_jobs + len(grants) >= node.capacity:
+                raise ResourceExhausted(f"node {node_id!r} has no free slot")
+            if len(grants) >= self.budget:
+                raise ResourceExhausted(
+                    f"node {node_id!r}: this sidecar's local budget of {self.budget} "
+                    "slots is used while Redis is unreachable; retry once it is back"
+                )
+        self._buffer.add("reserve", node_id, job_id, lease_ms)  # BufferFull: refused
+        deadline = int(time.time() * 1000) + lease_ms
+        self.granted.setdefault(node_id, {})[job_id] = deadline
+        self.counts["granted" if created else "renewed"] += 1
+        view = replace(node, running_jobs=node.running_jobs + len(self.granted[node_id]))
+        return Reservation(view, created, deadline, buffered=True)
+
+    async def job_holder(self, job_id: str) -> str | None:
+        """The node of this sidecar's local grant for the job (Redis is out of reach)."""
+        for node_id, grants in self.granted.items():
+            if job_id in grants:
+                return node_id
+        return None
+
+    def release(self, node_id: str, job_id: str) -> None:
+        """A buffered release of a local grant frees its budget now (both replay in order)."""
+        grants = self.granted.get(node_id)
+        if grants is not None and grants.pop(job_id, None) is not None and not grants:
+            del self.granted[node_id]
+
+    def replayed(self, node_id: str, job_id: str, applied: bool) -> None:
+        self.release(node_id, job_id)
+        self.counts["replayed" if applied else "dropped"] += 1
+
+
 class Degradation:
     def __init__(
         self,
@@ -162,6 +243,7 @@ class Degradation:
         max_heartbeats: int = 100_000,
         stampede_jitter_s: float = 0.05,
         probe_max_s: float = 1.0,
+        local_slot_budget: int = 0,
         rng: random.Random | None = None,
         watchdog: Callable[[], Callable[[], None]] | None = None,
         watchdog_interval_s: float = 0.01,
@@ -175,6 +257,8 @@ class Degradation:
         self._probe_max = probe_max_s
         self._rng = rng or random.Random()
         self.buffer = WriteBuffer(max_ops, max_heartbeats)
+        self.local = LocalSlots(replica, self.buffer, local_slot_budget)
+        """Slots granted while degraded (policy ``local``); budget 0 under ``reject``."""
         self._mode = Mode.NORMAL
         self._since = 0.0
         self._confirming: asyncio.Task[None] | None = None
@@ -325,6 +409,16 @@ class Degradation:
         self.buffer.add(kind, *args)
         return None
 
+    def slots(self, what: str) -> Slots:
+        """Where a reservation goes: Redis, or while degraded the local grants (policy
+        ``local``) or nowhere: UNAVAILABLE with retry advice (policy ``reject``)."""
+        if not self.degraded:
+            return self._gateway
+        if self.local.budget > 0:
+            return self.local
+        self.refuse(what)
+        return self._gateway  # not reached: refuse raised
+
     def refuse(self, what: str) -> None:
         """Writes that cannot be promised without Redis (slots)."""
         if self.degraded:
@@ -425,6 +519,7 @@ class Degradation:
             "drain": self._gateway.drain,
             "release": self._gateway.release,
             "put_pool": self._gateway.put_pool,
+            "reserve": functools.partial(self._gateway.reserve, replay=True),
         }
         call = calls[kind]
         try:
@@ -432,7 +527,12 @@ class Degradation:
         except Unavailable:
             raise
         except RegistryError as exc:  # e.g. drain of a node removed meanwhile
-            log.info("buffered %s%s no longer applies: %s", kind, args[:1], exc)
+            log.info("buffered %s%s no longer applies: %s", kind, args[:2], exc)
+            if kind == "reserve":
+                self.local.replayed(args[0], args[1], applied=False)
+        else:
+            if kind == "reserve":
+                self.local.replayed(args[0], args[1], applied=True)
 
 
 def spec_of(node: Node) -> NodeSpec:

@@ -91,9 +91,10 @@ BUFFERED_KINDS = ("heartbeat", "register", "deregister", "drain", "release", "pu
 RESERVATIONS = tuple(
     (rpc, outcome)
     for rpc in ("ReserveSlot", "Schedule")
-    for outcome in ("created", "renewed", "full", "refused_degraded")
+    for outcome in ("created", "renewed", "full", "refused_degraded", "local_created")
 )
 SELECTIONS = ("SelectNodes", "Schedule")
+LOCAL_SLOTS = ("granted", "renewed", "replayed", "dropped")
 
 
 def resource() -> Resource:
@@ -422,8 +423,22 @@ def _observe(meter: Meter, p: Parts) -> None:
         "registry.reservations",
         "{reservation}",
         "ReserveSlot and Schedule calls by outcome: created, renewed, full, not_found, "
-        "not_online, held_elsewhere, no_candidate, refused_degraded, unavailable.",
+        "not_online, held_elsewhere, no_candidate, refused_degraded, unavailable, and "
+        "local_created / local_renewed (granted while degraded, policy local).",
         reservations,
+    )
+
+    def local_slots() -> Iterator[Any]:
+        for outcome, count in _seeded(deg.local.counts, LOCAL_SLOTS):
+            yield count, {"outcome": outcome}
+
+    counter(
+        "registry.local_slots",
+        "{reservation}",
+        "Reservation policy local: slots granted (or renewed) from the local view while "
+        "degraded, and on recovery replayed to Redis or dropped (the job held a slot "
+        "elsewhere, or the node was gone).",
+        local_slots,
     )
 
     def empty() -> Iterator[Any]:

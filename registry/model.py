@@ -127,6 +127,8 @@ class Reservation:
     node: Node
     created: bool
     lease_deadline_ms: int
+    buffered: bool = False
+    """Granted from the local view while Redis was unreachable; replayed on recovery."""
 
 
 @dataclass(slots=True)

@@ -5,24 +5,33 @@ same pool try different nodes first. Each attempt is one reserve script, which i
 in Redis: a node that filled up since the replica last saw it just says so and the next
 candidate is tried. Idempotent by job id: a job holds at most one slot in the registry,
 so a retried Schedule finds its slot (wherever it is) and renews its lease.
+
+The slots come from a ``Slots``: Redis (the gateway) normally; the degraded-mode local
+grants under reservation policy ``local``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Protocol
 
 from registry.cache import Replica
 from registry.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
-from registry.gateway import Gateway
-from registry.model import Scheduled, SelectionWeights, Selector
+from registry.model import Reservation, Scheduled, SelectionWeights, Selector
 from registry.selection import Selection, select
 
 log = logging.getLogger(__name__)
 
 
+class Slots(Protocol):
+    async def reserve(self, node_id: str, job_id: str, lease_ms: int) -> Reservation: ...
+
+    async def job_holder(self, job_id: str) -> str | None: ...
+
+
 async def schedule(
-    gateway: Gateway,
+    gateway: Slots,
     replica: Replica,
     selector: Selector,
     job_id: str,
@@ -57,7 +66,7 @@ async def schedule(
 
 
 async def _renew(
-    gateway: Gateway, node_id: str, job_id: str, lease_ms: int, tried: int, selection: Selection
+    gateway: Slots, node_id: str, job_id: str, lease_ms: int, tried: int, selection: Selection
 ) -> Scheduled:
     reservation = await gateway.reserve(node_id, job_id, lease_ms)
     return Scheduled(reservation, tried, selection.breakdown)

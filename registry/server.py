@@ -148,6 +148,7 @@ class Sidecar:
             max_ops=s.write_buffer_max,
             max_heartbeats=s.heartbeat_buffer_max,
             probe_max_s=s.recovery_probe_max_ms / 1000,
+            local_slot_budget=s.local_slot_budget if s.reservation_policy == "local" else 0,
             watchdog=self._gateway.watchdog_ping(s.watchdog_timeout_ms / 1000),
             watchdog_interval_s=s.watchdog_interval_ms / 1000,
         )

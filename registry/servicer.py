@@ -48,6 +48,7 @@ from registry.model import (
     Node,
     NodeSpec,
     NodeStatus,
+    Reservation,
 )
 from registry.scheduler import schedule
 from registry.selection import list_nodes, select
@@ -369,17 +370,16 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
         )
         try:
-            self._deg.refuse("ReserveSlot")
-            res = await self._gateway.reserve(node_id, job_id, lease)
+            res = await self._deg.slots("ReserveSlot").reserve(node_id, job_id, lease)
         except RegistryError as exc:
             self._count_failed_reservation("ReserveSlot", exc)
             raise
-        self.reservations[("ReserveSlot", "created" if res.created else "renewed")] += 1
-        self._replica.apply_local(res.node, node_id, res.node.version)
+        self._count_reservation("ReserveSlot", res)
         return pb.ReserveSlotResponse(
             node=convert.node_to_pb(res.node),
             created=res.created,
             lease_deadline_ms=res.lease_deadline_ms,
+            buffered=res.buffered,
         )
 
     @_mapped
@@ -392,6 +392,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             "release", (node_id, job_id), lambda: self._gateway.release(node_id, job_id)
         )
         if rel is None:  # buffered while degraded: accepted, applied on recovery
+            self._deg.local.release(node_id, job_id)
             known = self._replica.get(node_id)
             if known is None:
                 return pb.ReleaseSlotResponse(released=True)
@@ -571,9 +572,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         self._require_ready()
         try:
-            self._deg.refuse("Schedule")
             done = await schedule(
-                self._gateway,
+                self._deg.slots("Schedule"),
                 self._replica,
                 sel,
                 job_id,
@@ -584,17 +584,24 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         except RegistryError as exc:
             self._count_failed_reservation("Schedule", exc)
             raise
-        created = done.reservation.created
-        self.reservations[("Schedule", "created" if created else "renewed")] += 1
-        node = done.reservation.node
-        self._replica.apply_local(node, node.node_id, node.version)
+        res = done.reservation
+        self._count_reservation("Schedule", res)
         return pb.ScheduleResponse(
-            node=convert.node_to_pb(node),
+            node=convert.node_to_pb(res.node),
             breakdown=convert.breakdown_to_pb(done.breakdown),
-            lease_deadline_ms=done.reservation.lease_deadline_ms,
+            lease_deadline_ms=res.lease_deadline_ms,
             attempts=done.attempts,
-            created=done.reservation.created,
+            created=res.created,
+            buffered=res.buffered,
         )
+
+    def _count_reservation(self, rpc: str, res: Reservation) -> None:
+        """Count it; a slot Redis granted also goes into the replica at once (a local
+        grant does not: the replica holds what Redis has)."""
+        outcome = "created" if res.created else "renewed"
+        self.reservations[(rpc, f"local_{outcome}" if res.buffered else outcome)] += 1
+        if not res.buffered:
+            self._replica.apply_local(res.node, res.node.node_id, res.node.version)
 
     def _count_failed_reservation(self, rpc: str, exc: RegistryError) -> None:
         outcome = RESERVE_OUTCOMES.get(type(exc), "error")

@@ -473,12 +473,16 @@ class Gateway:
             raise NotFound(f"node {node_id!r} is not registered")
         return node_from_fields(node_id, _pairs(flat)), outcome == 1
 
-    async def reserve(self, node_id: str, job_id: str, lease_ms: int) -> Reservation:
+    async def reserve(
+        self, node_id: str, job_id: str, lease_ms: int, *, replay: bool = False
+    ) -> Reservation:
+        """``replay``: a slot granted locally while degraded, recorded even beyond
+        capacity (see reserve.lua)."""
         k = self.keys
         outcome, deadline, detail = await self._call(
             "reserve",
             [k.node(node_id), k.jobs(node_id), k.version, k.log, k.leases, k.jobnode],
-            [node_id, job_id, lease_ms, self._maxlen],
+            [node_id, job_id, lease_ms, self._maxlen, "1" if replay else "0"],
         )
         if outcome == 0:
             raise NotFound(f"node {node_id!r} is not registered")

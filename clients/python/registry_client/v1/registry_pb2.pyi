@@ -776,10 +776,16 @@ class ReserveSlotResponse(google.protobuf.message.Message):
     NODE_FIELD_NUMBER: builtins.int
     CREATED_FIELD_NUMBER: builtins.int
     LEASE_DEADLINE_MS_FIELD_NUMBER: builtins.int
+    BUFFERED_FIELD_NUMBER: builtins.int
     created: builtins.bool
     """False when this job already held the slot (the lease was renewed)."""
     lease_deadline_ms: builtins.int
     """Lease deadline, ms since the Unix epoch, Redis clock."""
+    buffered: builtins.bool
+    """True when Redis was unreachable and the sidecar granted the slot from its local
+    view (reservation_policy "local"): it is replayed to Redis on recovery, and the
+    node may then be overcommitted within the bound docs/reliability.md states.
+    """
     @property
     def node(self) -> Global___Node: ...
     def __init__(
@@ -788,9 +794,10 @@ class ReserveSlotResponse(google.protobuf.message.Message):
         node: Global___Node | None = ...,
         created: builtins.bool = ...,
         lease_deadline_ms: builtins.int = ...,
+        buffered: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["node", b"node"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["created", b"created", "lease_deadline_ms", b"lease_deadline_ms", "node", b"node"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["buffered", b"buffered", "created", b"created", "lease_deadline_ms", b"lease_deadline_ms", "node", b"node"]) -> None: ...
 
 Global___ReserveSlotResponse: typing_extensions.TypeAlias = ReserveSlotResponse
 
@@ -865,12 +872,17 @@ class ScheduleResponse(google.protobuf.message.Message):
     LEASE_DEADLINE_MS_FIELD_NUMBER: builtins.int
     ATTEMPTS_FIELD_NUMBER: builtins.int
     CREATED_FIELD_NUMBER: builtins.int
+    BUFFERED_FIELD_NUMBER: builtins.int
     lease_deadline_ms: builtins.int
     attempts: builtins.int
     """Reservations tried, the successful one included."""
     created: builtins.bool
     """False when the job already held its slot (a retried Schedule): the same node
     is returned and its lease renewed.
+    """
+    buffered: builtins.bool
+    """True when granted from the sidecar's local view while Redis was unreachable
+    (reservation_policy "local"); see ReserveSlotResponse.buffered.
     """
     @property
     def node(self) -> Global___Node: ...
@@ -884,9 +896,10 @@ class ScheduleResponse(google.protobuf.message.Message):
         lease_deadline_ms: builtins.int = ...,
         attempts: builtins.int = ...,
         created: builtins.bool = ...,
+        buffered: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["breakdown", b"breakdown", "node", b"node"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["attempts", b"attempts", "breakdown", b"breakdown", "created", b"created", "lease_deadline_ms", b"lease_deadline_ms", "node", b"node"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["attempts", b"attempts", "breakdown", b"breakdown", "buffered", b"buffered", "created", b"created", "lease_deadline_ms", b"lease_deadline_ms", "node", b"node"]) -> None: ...
 
 Global___ScheduleResponse: typing_extensions.TypeAlias = ScheduleResponse
 
