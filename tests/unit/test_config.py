@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,13 @@ def test_exporters_follow_the_standard_otel_variables(
 ) -> None:
     settings = config.from_sources(_args(), environ=env)
     assert (settings.metrics_exporter, settings.traces_exporter) == (metrics, traces)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        f.name
+        for f in fields(Settings)
+        if f"| `--{f.name.replace('_', '-')}` | `REGISTRY_{f.name.upper()}` |" not in readme
+    ]
+    assert not missing, f"README's configuration table lacks {missing}"
