@@ -1,4 +1,5 @@
-"""Entry point: ``registry serve`` runs the sidecar; ``registry health`` probes one."""
+"""Entry point: ``registry serve`` runs the sidecar; ``registry health`` probes one;
+``registry ctl`` operates one (see registry/ctl.py and docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from registry import config
-from registry.server import Sidecar
+from registry import config, ctl
 
 log = logging.getLogger("registry")
 
@@ -43,6 +43,10 @@ async def serve(settings: config.Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Imported here so `registry ctl` and `registry health` start without the server's
+    # dependencies (redis, numpy): a CLI call should take a fraction of a second.
+    from registry.server import Sidecar
+
     async with Sidecar(settings):
         await stop.wait()
         log.info("shutting down")
@@ -72,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     health_p = sub.add_parser("health", help="exit 0 when a sidecar reports SERVING")
     health_p.add_argument("--target", default=None, help="HOST:PORT (default: REGISTRY_LISTEN)")
     health_p.add_argument("--timeout", type=float, default=2.0)
+    ctl.configure(sub.add_parser("ctl", help="operate a running sidecar (nodes, pools, watch...)"))
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -82,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format)
         asyncio.run(serve(settings))
         return 0
-    target = args.target or config.from_sources().listen
+    if args.command == "ctl":
+        return ctl.run(args)
+    target = args.target or ctl.default_target()
     return 0 if asyncio.run(probe(target, args.timeout)) else 1
 
 

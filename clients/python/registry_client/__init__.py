@@ -3,6 +3,8 @@
 ``pb`` is the generated message module, so callers need one import::
 
     from registry_client import RegistryClient, pb
+
+``RegistryClient`` is the asyncio client; ``SyncRegistryClient`` is the blocking one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from registry_client.errors import (
     from_rpc_error,
 )
 from registry_client.session import HeartbeatSession
+from registry_client.sync import SyncRegistryClient, SyncWatcher
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.watch import Watcher
 
@@ -36,6 +39,8 @@ __all__ = [
     "RegistryError",
     "ResourceExhausted",
     "StreamBroken",
+    "SyncRegistryClient",
+    "SyncWatcher",
     "Unavailable",
     "Unimplemented",
     "Watcher",

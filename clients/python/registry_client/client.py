@@ -99,6 +99,47 @@ def select_request(
     return request
 
 
+def list_nodes_request(
+    *,
+    pool_id: str = "",
+    lang_pair: LangPairLike | None = None,
+    status: pb.NodeStatus.ValueType = pb.NODE_STATUS_UNSPECIFIED,
+    labels: Mapping[str, str] | None = None,
+) -> pb.ListNodesRequest:
+    """Build a ListNodes request from keywords (shared by the async and the sync client)."""
+    request = pb.ListNodesRequest(pool_id=pool_id, status=status, labels=dict(labels or {}))
+    if lang_pair is not None:
+        request.lang_pair.CopyFrom(as_lang_pair(lang_pair))
+    return request
+
+
+def schedule_request(
+    job_id: str,
+    pool_id: str = "",
+    *,
+    selector: pb.SelectNodesRequest | None = None,
+    lang_pair: LangPairLike | None = None,
+    required_services: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    count: int = 0,
+    exclude_node_ids: Iterable[str] = (),
+    min_health: float = 0.0,
+    lease_ms: int = 0,
+) -> pb.ScheduleRequest:
+    """Build a Schedule request; ``selector`` overrides the filter keywords."""
+    if selector is None:
+        selector = select_request(
+            pool_id,
+            lang_pair=lang_pair,
+            required_services=required_services,
+            labels=labels,
+            count=count,
+            exclude_node_ids=exclude_node_ids,
+            min_health=min_health,
+        )
+    return pb.ScheduleRequest(selector=selector, job_id=job_id, lease_ms=lease_ms)
+
+
 class RegistryClient:
     """Asyncio client of one sidecar.
 
@@ -201,9 +242,9 @@ class RegistryClient:
         labels: Mapping[str, str] | None = None,
     ) -> pb.ListNodesResponse:
         """Nodes matching every given filter; no filter lists the whole fleet."""
-        request = pb.ListNodesRequest(pool_id=pool_id, status=status, labels=dict(labels or {}))
-        if lang_pair is not None:
-            request.lang_pair.CopyFrom(as_lang_pair(lang_pair))
+        request = list_nodes_request(
+            pool_id=pool_id, lang_pair=lang_pair, status=status, labels=labels
+        )
         return await self._unary(self._stub.ListNodes, request)
 
     async def select_nodes(
@@ -258,17 +299,18 @@ class RegistryClient:
         lease_ms: int = 0,
     ) -> pb.ScheduleResponse:
         """Select and reserve in one round trip; ``selector`` overrides the filter keywords."""
-        if selector is None:
-            selector = select_request(
-                pool_id,
-                lang_pair=lang_pair,
-                required_services=required_services,
-                labels=labels,
-                count=count,
-                exclude_node_ids=exclude_node_ids,
-                min_health=min_health,
-            )
-        request = pb.ScheduleRequest(selector=selector, job_id=job_id, lease_ms=lease_ms)
+        request = schedule_request(
+            job_id,
+            pool_id,
+            selector=selector,
+            lang_pair=lang_pair,
+            required_services=required_services,
+            labels=labels,
+            count=count,
+            exclude_node_ids=exclude_node_ids,
+            min_health=min_health,
+            lease_ms=lease_ms,
+        )
         return await self._unary(self._stub.Schedule, request)
 
     # -- pools and status ----------------------------------------------------------------------
@@ -363,5 +405,7 @@ __all__ = [
     "RegistryClient",
     "as_lang_pair",
     "default_channel_options",
+    "list_nodes_request",
+    "schedule_request",
     "select_request",
 ]

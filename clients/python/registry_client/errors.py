@@ -8,7 +8,6 @@ codes, so the transport stays an implementation detail. The original error is al
 from __future__ import annotations
 
 import grpc
-import grpc.aio
 
 
 class RegistryError(Exception):
@@ -119,8 +118,12 @@ that fell behind. Reopening with backoff is the right answer to all of them.
 """
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> RegistryError:
-    """Map a failed RPC to the client's exception; use ``raise from_rpc_error(e) from e``."""
+def from_rpc_error(exc: grpc.RpcError) -> RegistryError:
+    """Map a failed RPC to the client's exception; use ``raise from_rpc_error(e) from e``.
+
+    Takes the ``grpc.aio.AioRpcError`` of the asyncio client and the ``grpc.RpcError`` of
+    the sync one alike.
+    """
     code = exc.code()
     details = exc.details() or ""
     cls = _BY_CODE.get(code)
