@@ -449,9 +449,13 @@ class Degradation:
     async def _recover_once(self) -> None:
         gateway, replica = self._gateway, self._replica
         await gateway.ping()
+        # The replica's version before asking: the feed may apply newer entries while
+        # the answer is on its way (other sidecars write), so comparing with the
+        # replica's version after it would see a Redis "behind" that lost nothing.
+        had = replica.version
         epoch = await gateway.read_epoch()
         version = await gateway.version()
-        lost = epoch != gateway.epoch or version < replica.version
+        lost = epoch != gateway.epoch or version < had
         await asyncio.sleep(self._rng.uniform(0, self._jitter))  # no stampede
         if lost:
             await self._rebuild(epoch, version)

@@ -1,6 +1,7 @@
 """Reservation policy ``local``: slots granted from the local view while Redis is frozen,
 replayed on recovery; overcommit bounded by the budget, nothing acknowledged lost,
-nothing applied twice. (Policy ``reject`` is covered in test_sidecar.py.)"""
+nothing applied twice; and a recovery racing other writers. (Policy ``reject`` is
+covered in test_sidecar.py too.)"""
 
 from __future__ import annotations
 
@@ -181,3 +182,29 @@ async def test_policy_reject_is_the_default(
             redis_proc.resume()
         await recovered(sc)
     assert holders(redis_proc, namespace) == {}
+
+
+async def test_recovery_while_others_write_is_not_taken_for_lost_data(
+    sidecar_factory: SidecarFactory, redis_proc: RedisProcess, namespace: str
+) -> None:
+    """The version Redis gave during recovery is older than what the feed applies while
+    the answer travels (another sidecar keeps writing): that is no data loss, and must
+    not set off a rebuild."""
+    a = await sidecar_factory(redis_proc.url, namespace)
+    b = await sidecar_factory(redis_proc.url, namespace)
+    async with grpc.aio.insecure_channel(b.address) as channel:
+        stub = Stub(channel)
+        await register(stub, "n0")
+        real_version = a.gateway.version
+
+        async def answer_delayed() -> int:
+            version = await real_version()
+            for i in range(1, 4):  # written, and applied by a's feed, after Redis answered
+                await register(stub, f"n{i}")
+            await eventually(lambda: a.replica.version > version)
+            return version
+
+        a.gateway.version = answer_delayed  # type: ignore[method-assign]
+        a.degradation.trip("test: a recovery races the feed")
+        await recovered(a)
+    assert a.degradation.rebuilds == 0
