@@ -1,5 +1,5 @@
-"""``python -m bench [heartbeat|select|schedule|propagation|etcd|all] [--quick] [--json PATH]``
-(or ``make bench``)."""
+"""``python -m bench [PHASE] [--quick] [--json PATH]`` (or ``make bench``); PHASE is one of
+heartbeat, select, schedule, propagation, telemetry, etcd, all (the default)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from bench import heartbeat as hb
 from bench import propagation as prop
 from bench import schedule as sched
 from bench import select as sel
+from bench import telemetry as tel
 
-PHASES = ["heartbeat", "select", "schedule", "propagation", "etcd", "all"]
+PHASES = ["heartbeat", "select", "schedule", "propagation", "telemetry", "etcd", "all"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.which in ("propagation", "all"):
         out["propagation"] = prop.run(pp)
         print(prop.report(out["propagation"]), flush=True)
+    if args.which in ("telemetry", "all"):
+        tp = tel.Plan(
+            heartbeat=hp,
+            select=dataclasses.replace(sp, nodes=min(sp.nodes, 2_000), concurrency=(4,)),
+            repeat=hp.repeat,
+        )
+        out["telemetry"] = tel.run(tp)
+        print(tel.report(out["telemetry"]), flush=True)
     if args.which == "etcd" or (args.which == "all" and not args.skip_etcd):
         out["etcd"] = etcd_bench.run(hp, pp)
         print(etcd_bench.report(out["etcd"]), flush=True)

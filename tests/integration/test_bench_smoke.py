@@ -32,6 +32,7 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
     assert "SelectNodes end to end" in proc.stdout
     assert "Schedule end to end" in proc.stdout
     assert "Write -> event at another reader" in proc.stdout
+    assert "metrics cost" in proc.stdout
 
     data = json.loads(out.read_text())
     assert data["machine"]["nproc"] >= 1
@@ -73,4 +74,8 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
         assert prop[run]["latency"]["p99_ms"] > 0, run
     assert prop["ratio_p99"] > 0
     assert set(prop["targets"]) == {"p99<10ms"}
+    tel = data["telemetry"]
+    for workload in ("heartbeat", "select"):
+        assert tel[f"{workload}_ratio"] > 0, workload
+    assert tel["scrape"]["n"] > 0 and tel["scrape"]["bytes"] > 0
     assert "etcd" not in data
