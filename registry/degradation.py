@@ -473,7 +473,7 @@ class Degradation:
         await gateway.lift(replica.version)
         live = [n for i in self._live_nodes() if (n := replica.get(i)) is not None]
         for node in live:
-            await gateway.register(spec_of(node), node.ttl_ms)
+            await gateway.register(spec_of(node), node.ttl_ms, adopt_ms=adopt_window(node))
         for pool in list(replica.pools.values()):
             await gateway.put_pool(pool)
         self.rebuilds += 1
@@ -508,7 +508,9 @@ class Degradation:
                     # it registered last, then record the heartbeat.
                     node = self._replica.get(hb.node_id)
                     if node is not None:
-                        await gateway.register(spec_of(node), node.ttl_ms)
+                        await gateway.register(
+                            spec_of(node), node.ttl_ms, adopt_ms=adopt_window(node)
+                        )
                         await gateway.heartbeat(hb)
                 if buffer.heartbeats.get(hb.node_id) is hb:
                     del buffer.heartbeats[hb.node_id]
@@ -537,6 +539,12 @@ class Degradation:
         else:
             if kind == "reserve":
                 self.local.replayed(args[0], args[1], applied=True)
+
+
+def adopt_window(node: Node) -> int:
+    """How long a node registered again after a loss may bring back its jobs' slots by
+    reporting them: a few heartbeats (three per TTL) at least, and 10 s."""
+    return max(2 * node.ttl_ms, 10_000)
 
 
 def spec_of(node: Node) -> NodeSpec:

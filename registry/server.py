@@ -136,6 +136,7 @@ class Sidecar:
             heartbeat_batch_max=s.heartbeat_batch_max,
             weights=s.weights(),
             reconcile_grace_ms=s.reconcile_grace_ms,
+            adopt_lease_ms=s.default_lease_ms,
         )
         epoch = await self._until_redis(self._gateway.ensure_epoch)
         self._feed = ChangeFeed(self._gateway, self.replica, block_ms=s.feed_block_ms)

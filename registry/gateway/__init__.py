@@ -235,6 +235,7 @@ class Gateway:
         heartbeat_batch_max: int = 512,
         weights: SelectionWeights = DEFAULT_WEIGHTS,
         reconcile_grace_ms: int = 10_000,
+        adopt_lease_ms: int = 60_000,
     ) -> None:
         self.keys = Keys(namespace)
         self.url = url
@@ -246,6 +247,7 @@ class Gateway:
         self._batch_max = heartbeat_batch_max
         self._weights = weights.health_vector()
         self._grace = reconcile_grace_ms
+        self._adopt_lease = adopt_lease_ms
         self.observer: Callable[[str | None, str], None] | None = None
         """Told the outcome of every hot-path call, None, "timeout" or "error", with a
         description: the circuit breaker listens here."""
@@ -362,12 +364,16 @@ class Gateway:
 
     # --- writes ----------------------------------------------------------------------
 
-    async def register(self, spec: NodeSpec, ttl_ms: int) -> tuple[Node, bool]:
+    async def register(
+        self, spec: NodeSpec, ttl_ms: int, *, adopt_ms: int = 0
+    ) -> tuple[Node, bool]:
+        """``adopt_ms``: for this long the node's job reports re-create reservations
+        (after Redis lost them; see register.lua)."""
         k = self.keys
         changed, flat = await self._call(
             "register",
             [k.node(spec.node_id), k.jobs(spec.node_id), k.nodes, k.version, k.log, k.expiry],
-            [spec.node_id, spec.to_json(), spec.capacity, ttl_ms, self._maxlen],
+            [spec.node_id, spec.to_json(), spec.capacity, ttl_ms, self._maxlen, adopt_ms],
         )
         return node_from_fields(spec.node_id, _pairs(flat)), bool(changed)
 
@@ -422,7 +428,9 @@ class Gateway:
     async def _heartbeat_batch(self, beats: Sequence[HeartbeatIn]) -> list[HeartbeatResult]:
         k = self.keys
         keys = [k.version, k.log, k.expiry, k.leases, k.jobnode]
-        args: list[Any] = [self._maxlen, self._eps, *self._weights, self._grace, k.prefix]
+        args: list[Any] = [
+            self._maxlen, self._eps, *self._weights, self._grace, k.prefix, self._adopt_lease
+        ]  # fmt: skip
         for hb in beats:
             m = hb.metrics
             jobs = "-" if hb.running_job_ids is None else "+" + ",".join(hb.running_job_ids)

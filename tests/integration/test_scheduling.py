@@ -597,3 +597,48 @@ def test_slot_invariants_hold_under_any_interleaving(
     shared_redis: RedisProcess, ops: list[tuple[str, str, str, int]]
 ) -> None:
     asyncio.run(_run_ops(shared_redis.url, ops))
+
+
+async def test_slots_come_back_from_job_reports_after_redis_lost_its_data(
+    sidecar_factory: SidecarFactory, redis_proc: RedisProcess, namespace: str
+) -> None:
+    """Job ids live only in Redis. After Redis restarts empty, the sidecar registers the
+    nodes whose streams it holds again, opening an adoption window: a heartbeat that
+    reports jobs then re-creates their reservations, up to capacity, never for a job
+    that holds a slot elsewhere. Outside that window reported jobs are ignored."""
+    sc = await sidecar_factory(redis_proc.url, namespace, reconcile_grace_ms=60_000)
+    client = redis_proc.client()
+    jobs = f"{{{namespace}}}:jobs:n1"
+    async with grpc.aio.insecure_channel(sc.address) as channel:
+        stub = Stub(channel)
+        await register(stub, capacity=2)
+        await stub.ReserveSlot(pb.ReserveSlotRequest(node_id="n1", job_id="a"))
+        beats = stub.Heartbeat()
+
+        async def beat(seq: int, *running: str) -> pb.HeartbeatResponse:
+            request = pb.HeartbeatRequest(
+                node_id="n1", seq=seq, report_jobs=True, running_job_ids=list(running)
+            )
+            await beats.write(request)
+            reply: pb.HeartbeatResponse = await beats.read()
+            return reply
+
+        await beat(1, "a", "stray")
+        assert sorted(k.decode() for k in client.hkeys(jobs)) == ["a"], "no adoption outside"
+
+        redis_proc.restart(keep_data=False)  # empty: the slot of "a" is gone
+        await eventually(lambda: sc.degradation.rebuilds == 1, timeout=10)
+        await eventually(lambda: not sc.degradation.degraded, timeout=10)
+        client = redis_proc.client()
+        assert client.hlen(jobs) == 0
+        client.hset(f"{{{namespace}}}:jobnode", "elsewhere", "n9")  # held on another node
+
+        reply = await beat(2, "a", "elsewhere", "b", "c")
+        assert reply.action == pb.HEARTBEAT_ACTION_CONTINUE
+        assert sorted(k.decode() for k in client.hkeys(jobs)) == ["a", "b"], "up to capacity"
+        assert client.hget(f"{{{namespace}}}:jobnode", "a") == b"n1"
+        assert client.hget(f"{{{namespace}}}:jobnode", "elsewhere") == b"n9"
+        assert client.hget(f"{{{namespace}}}:node:n1", "jobs") == b"2"
+        assert client.zscore(f"{{{namespace}}}:leases", "n1/a") is not None
+        await eventually(lambda: (n := sc.replica.get("n1")) is not None and n.running_jobs == 2)
+        await beats.done_writing()

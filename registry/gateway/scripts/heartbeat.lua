@@ -3,7 +3,7 @@
 -- KEYS: 1 version, 2 log, 3 expiry zset, 4 leases zset, 5 job-node hash
 -- ARGV: 1 log maxlen, 2 metrics epsilon, 3-8 health weights (cpu, gpu, mem, load,
 --       heartbeat delay, error rate), 9 reconciliation grace ms, 10 key prefix ("{ns}:"),
---       then one packed string per heartbeat: "node_id|cpu|gpu|mem|load|error_rate|jobs"
+--       11 lease ms of an adopted job, then one packed string per heartbeat: "node_id|cpu|gpu|mem|load|error_rate|jobs"
 --       with jobs "-" when the node reports none, else "+" then comma-separated job ids.
 --       (One argument per heartbeat keeps the client's encoding cost per batch low; ids
 --       cannot contain "|" or ",".) Node and jobs keys are built from the prefix: they
@@ -22,7 +22,10 @@
 -- Reconciliation (jobs reported): the node is the ground truth. Reservations it
 -- runs get their lease renewed; reservations it does not run are freed once they
 -- are older than the grace period (a job reserved a moment ago may not have
--- reached the node yet). Jobs the node runs without a reservation are ignored.
+-- reached the node yet). Jobs the node runs without a reservation are ignored, except
+-- while the node's 'adopt_until' (set by register.lua after Redis lost its data) lies
+-- ahead: then each is given a reservation again, if it holds none elsewhere and the
+-- node has a free slot, so the slots a data loss erased come back from the nodes.
 -- Retry-safe: a repeated heartbeat finds its metrics already stored (no change,
 -- nothing logged), renews the same leases, and finds nothing more to free.
 local ver_key, log_key, expiry_key, leases_key, jobnode_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -32,6 +35,7 @@ local w = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARG
 local wsum = w[1] + w[2] + w[3] + w[4] + w[5] + w[6]
 local grace = tonumber(ARGV[9])
 local prefix = ARGV[10]
+local adopt_lease = tonumber(ARGV[11])
 local now = now_ms()
 local names = {'cpu', 'gpu', 'mem', 'load', 'delay', 'err'}
 local out = {}
@@ -45,9 +49,12 @@ local function health_of(m)
   return math.floor(h * 10000 + 0.5) / 10000
 end
 
-local function reconcile(node_id, jobs_key, report)
-  local running = {}
-  for job in string.gmatch(string.sub(report, 2), '[^,]+') do running[job] = true end
+local function reconcile(node_id, jobs_key, report, adopt, capacity)
+  local running, order = {}, {}
+  for job in string.gmatch(string.sub(report, 2), '[^,]+') do
+    running[job] = true
+    order[#order + 1] = job
+  end
   local released = {}
   local held = redis.call('HGETALL', jobs_key)
   for k = 1, #held, 2 do
@@ -61,15 +68,27 @@ local function reconcile(node_id, jobs_key, report)
       released[#released + 1] = job_id
     end
   end
-  return released
+  local adopted = 0
+  if adopt then
+    for _, job_id in ipairs(order) do
+      if redis.call('HLEN', jobs_key) >= capacity then break end
+      if not redis.call('HGET', jobnode_key, job_id) then
+        redis.call('HSET', jobs_key, job_id, reservation(now + adopt_lease, adopt_lease, now))
+        redis.call('ZADD', leases_key, now + adopt_lease, node_id .. '/' .. job_id)
+        redis.call('HSET', jobnode_key, job_id, node_id)
+        adopted = adopted + 1
+      end
+    end
+  end
+  return released, adopted
 end
 
-for i = 11, #ARGV do
+for i = 12, #ARGV do
   local node_id, cpu, gpu, mem, load, err, report = string.match(ARGV[i],
     '^([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|(.*)$')
   local node_key, jobs_key = prefix .. 'node:' .. node_id, prefix .. 'jobs:' .. node_id
   local cur = redis.call('HMGET', node_key, 'status', 'ttl', 'ver', 'hb_at',
-    'cpu', 'gpu', 'mem', 'load', 'delay', 'err')
+    'cpu', 'gpu', 'mem', 'load', 'delay', 'err', 'adopt_until', 'capacity')
   if not cur[1] then
     out[#out + 1] = {0, 0, '', 0, 0, 0, {}}
   elseif cur[1] == 'OFFLINE' then
@@ -90,8 +109,10 @@ for i = 11, #ARGV do
     end
     local released = {}
     if string.sub(report, 1, 1) == '+' then
-      released = reconcile(node_id, jobs_key, report)
-      if #released > 0 then
+      local adopt = cur[11] and tonumber(cur[11]) > now
+      local adopted
+      released, adopted = reconcile(node_id, jobs_key, report, adopt, tonumber(cur[12]))
+      if #released > 0 or adopted > 0 then
         redis.call('HSET', node_key, 'jobs', redis.call('HLEN', jobs_key))
         material = true
       end

@@ -1,6 +1,10 @@
 -- register: upsert a node.
 -- KEYS: 1 node hash, 2 jobs hash, 3 node-id set, 4 version, 5 log, 6 expiry zset
--- ARGV: 1 node_id, 2 spec JSON (canonical), 3 capacity, 4 ttl_ms, 5 log maxlen
+-- ARGV: 1 node_id, 2 spec JSON (canonical), 3 capacity, 4 ttl_ms, 5 log maxlen,
+--       6 adopt_ms (optional): for this long, heartbeats that report jobs re-create
+--       the reservations of those jobs (see heartbeat.lua). A sidecar sets it when it
+--       registers a node again after Redis lost its data or the node expired while
+--       this sidecar was cut off: the node's jobs are the only record left.
 -- Returns: {changed (0|1), flat HGETALL of the node}
 -- A new node starts ONLINE; an OFFLINE node comes back ONLINE; a DRAINING node
 -- stays DRAINING (a drain is an operator's decision, a node restart must not undo it).
@@ -9,6 +13,7 @@
 local node_key, jobs_key, ids_key, ver_key, log_key, expiry_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local node_id, spec, capacity, ttl, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local adopt = tonumber(ARGV[6] or 0)
 local now = now_ms()
 local cur = redis.call('HMGET', node_key, 'spec', 'capacity', 'status', 'ttl')
 local changed = 0
@@ -31,6 +36,7 @@ else
   end
 end
 redis.call('ZADD', expiry_key, now + tonumber(ttl), node_id)
+if adopt > 0 then redis.call('HSET', node_key, 'adopt_until', now + adopt) end
 if changed == 1 then
   local _, fields = log_put(ver_key, log_key, maxlen, node_key, node_id)
   return {1, fields}
