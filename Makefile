@@ -11,6 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+NODE_CLIENT_STAMP := clients/node/node_modules/.installed
 # Interpreter that creates the venv; override with `make venv PYTHON=/path/to/python3.11`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # Only paths that exist, so ruff does not fail before bench/ is written.
@@ -23,12 +24,12 @@ IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: help venv redis-check node-deps run test test-fast lint fmt typecheck proto \
-	proto-check buf-lint buf-breaking bench clean
+	proto-check buf-lint buf-breaking bench clean node-client-deps node-client-test
 
 help: ## List targets
 	@echo "usage: make <target> [ARGS=...] [PYTEST_ARGS=...]"
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) \
-		| awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+		| awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
 
 # --------------------------------------------------------------------------- environment
 
@@ -91,8 +92,18 @@ bench: venv redis-check ## Run the benchmarks; ARGS=...
 
 # --------------------------------------------------------------------------- checks
 
-test: venv redis-check node-deps lint typecheck proto-check buf-lint buf-breaking ## Every check, then the whole test suite
+test: venv redis-check node-deps node-client-deps lint typecheck proto-check buf-lint buf-breaking ## Every check, then the whole test suite (Python, then the Node.js client's)
 	$(PY) -m pytest $(PYTEST_MARK) $(PYTEST_ARGS)
+	cd clients/node && npm test
+
+node-client-deps: $(NODE_CLIENT_STAMP) ## Install the Node.js client's packages (npm ci in clients/node)
+
+$(NODE_CLIENT_STAMP): clients/node/package.json clients/node/package-lock.json $(NODE_STAMP)
+	cd clients/node && npm ci --no-audit --no-fund
+	@touch $@
+
+node-client-test: venv redis-check node-client-deps ## npm test in clients/node (its own redis-server and sidecar)
+	cd clients/node && npm test
 
 test-fast: PYTEST_MARK := -m "not slow"
 test-fast: test ## Like test, but skips the slow fault-injection tests
@@ -135,6 +146,7 @@ buf-breaking: node-deps ## buf breaking: proto/ against the previous commit (FIL
 # --------------------------------------------------------------------------- housekeeping
 
 clean: ## Remove the venv, node_modules, caches and embedded Redis data
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis \
+	rm -rf $(VENV) node_modules clients/node/node_modules clients/node/build-test \
+		clients/node/dist .mypy_cache .ruff_cache .pytest_cache .hypothesis \
 		.registry-data build dist *.egg-info clients/python/*.egg-info clients/python/build
 	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
