@@ -3,7 +3,7 @@
 For scripts and threaded programs that have no event loop. Start a sidecar (``make run``)
 and a node (``examples/register_and_heartbeat.py``), then::
 
-    python clients/python/examples/sync_select.py [pool_id]
+    python examples/sync_select.py [pool_id]
 
 It prints a selection with the reasons other nodes were left out, schedules a job (select
 and reserve in one call), releases it, then prints the pool's changes until Ctrl-C.
