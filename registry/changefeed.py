@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
@@ -40,6 +41,9 @@ class ChangeFeed:
         must never see versions go backwards). Readers never take it."""
         self.redis_version = 0
         """Highest version Redis reported (from a snapshot or the log)."""
+        self.on_lost: Callable[[str], object] | None = None
+        """Told when a snapshot shows Redis behind the replica: Redis lost data (the
+        degradation rebuilds; the snapshot is not swapped in)."""
 
     async def __aenter__(self) -> ChangeFeed:
         await self.preload()
@@ -76,7 +80,9 @@ class ChangeFeed:
             await self._reload()
 
     async def _reload(self) -> None:
+        had = self._replica.version
         snap = await self._gateway.snapshot()
+        self._refuse_regression(snap.version, had)
         self._replica.replace_all(snap.nodes, snap.version, snap.pools)
         self.redis_version = max(self.redis_version, snap.version)
         self._replica.mark_synced()
@@ -120,7 +126,9 @@ class ChangeFeed:
         """The log lost entries: compare every node's version with Redis and fetch only
         the nodes that differ (a relist, minus the nodes that did not change)."""
         replica = self._replica
+        had = replica.version
         version, versions = await self._gateway.node_versions()
+        self._refuse_regression(version, had)
         changed = [
             i for i, v in versions.items() if (n := replica.get(i)) is None or n.version != v
         ]
@@ -135,6 +143,16 @@ class ChangeFeed:
             len(nodes),
             len(removed),
         )
+
+    def _refuse_regression(self, version: int, had: int) -> None:
+        """A snapshot older than the replica means Redis lost data (restarted empty, a
+        failover that lost writes). Swapping it in would move the replica, and every
+        watcher, back; the sidecar rebuilds instead, which lifts Redis's version first."""
+        if version < had:
+            why = f"Redis lost the registry: its version {version} is behind the replica's {had}"
+            if self.on_lost is not None:
+                self.on_lost(why)
+            raise Unavailable(why)
 
     async def _run(self) -> None:
         retrying = AsyncRetrying(

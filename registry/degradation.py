@@ -474,6 +474,8 @@ class Degradation:
         live = [n for i in self._live_nodes() if (n := replica.get(i)) is not None]
         for node in live:
             await gateway.register(spec_of(node), node.ttl_ms, adopt_ms=adopt_window(node))
+            if node.status is NodeStatus.DRAINING:  # an operator's drain outlives the loss
+                await gateway.drain(node.node_id)
         for pool in list(replica.pools.values()):
             await gateway.put_pool(pool)
         self.rebuilds += 1

@@ -87,11 +87,20 @@ TRANSITIONS = (
     ("L2_ONLY", "NORMAL"),
     ("LOCAL_ONLY", "NORMAL"),
 )
-BUFFERED_KINDS = ("heartbeat", "register", "deregister", "drain", "release", "put_pool")
+BUFFERED_KINDS = (
+    "heartbeat", "register", "deregister", "drain", "release", "put_pool", "reserve"
+)  # fmt: skip
 RESERVATIONS = tuple(
     (rpc, outcome)
-    for rpc in ("ReserveSlot", "Schedule")
-    for outcome in ("created", "renewed", "full", "refused_degraded", "local_created")
+    for rpc, full in (("ReserveSlot", "full"), ("Schedule", "no_candidate"))
+    for outcome in (
+        "created",
+        "renewed",
+        full,
+        "refused_degraded",
+        "local_created",
+        "local_renewed",
+    )
 )
 SELECTIONS = ("SelectNodes", "Schedule")
 LOCAL_SLOTS = ("granted", "renewed", "replayed", "dropped")
@@ -423,8 +432,9 @@ def _observe(meter: Meter, p: Parts) -> None:
         "registry.reservations",
         "{reservation}",
         "ReserveSlot and Schedule calls by outcome: created, renewed, full, not_found, "
-        "not_online, held_elsewhere, no_candidate, refused_degraded, unavailable, and "
-        "local_created / local_renewed (granted while degraded, policy local).",
+        "not_online, held_elsewhere, no_candidate (Schedule), refused_degraded, unavailable, "
+        "local_created / local_renewed (granted while degraded, policy local), and error "
+        "(anything else).",
         reservations,
     )
 

@@ -30,7 +30,7 @@ from registry.gateway import Gateway
 from registry.metrics import Metrics, Parts
 from registry.servicer import RegistryServicer
 from registry.tiers import Tiers
-from registry.tracing import Tracing
+from registry.tracing import Tracing, background
 from registry.versions import VersionChecker
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
@@ -138,7 +138,8 @@ class Sidecar:
             reconcile_grace_ms=s.reconcile_grace_ms,
             adopt_lease_ms=s.default_lease_ms,
         )
-        epoch = await self._until_redis(self._gateway.ensure_epoch)
+        with background():
+            epoch = await self._until_redis(self._gateway.ensure_epoch)
         self._feed = ChangeFeed(self._gateway, self.replica, block_ms=s.feed_block_ms)
         self._degradation = Degradation(
             self._gateway,
@@ -153,6 +154,7 @@ class Sidecar:
             watchdog=self._gateway.watchdog_ping(s.watchdog_timeout_ms / 1000),
             watchdog_interval_s=s.watchdog_interval_ms / 1000,
         )
+        self._feed.on_lost = self._degradation.trip
         degraded = lambda: self._degradation is not None and self._degradation.degraded  # noqa: E731
         self._checker = VersionChecker(
             self._gateway,
@@ -223,12 +225,14 @@ class Sidecar:
         await server.start()
         log.info("listening on %s (namespace %r, epoch %s)", self.address, s.namespace, epoch)
 
-        await self._until_redis(self._feed.preload)
-        self._feed.start()
-        self.degradation.start()
-        self._checker.start()
-        self._tiers.start()
-        self._expiry = asyncio.create_task(self._expire_loop(), name="expiry")
+        # Not around server.start(): its tasks copy the context, and RPCs must be traced.
+        with background():  # tasks copy this context: no spans from the loops
+            await self._until_redis(self._feed.preload)
+            self._feed.start()
+            self.degradation.start()
+            self._checker.start()
+            self._tiers.start()
+            self._expiry = asyncio.create_task(self._expire_loop(), name="expiry")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d nodes at version %d", len(self.replica), self.replica.version)
 

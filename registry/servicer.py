@@ -651,7 +651,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             mode=self._deg.mode.value,
             version=r.version,
             node_count=len(r),
-            redis_version=max(self._feed.redis_version, self._checker.redis_version),
+            # The checker's last answer (it can go down: Redis lost data); the feed's
+            # figure before the first check.
+            redis_version=self._checker.redis_version or self._feed.redis_version,
             staleness_ms=max(r.staleness_ms(), 0),
             ready=r.ready,
             epoch=self._gateway.epoch,

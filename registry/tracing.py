@@ -18,6 +18,7 @@ standard ``OTEL_*`` variables, which also give the endpoint, headers and sampler
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -37,6 +38,16 @@ if TYPE_CHECKING:
     from registry.gateway import Gateway
 
 log = logging.getLogger(__name__)
+
+
+def background() -> AbstractContextManager[None]:
+    """Context for the background loops (feed, version checks, revalidation, expiry):
+    their Redis calls make no spans. Ten a second from an idle sidecar would be root
+    spans of no request, crowding out the traces an operator looks for."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    cm: AbstractContextManager[None] = suppress_instrumentation()
+    return cm
 
 
 class Tracing:

@@ -387,3 +387,43 @@ async def test_entries_past_l2_are_read_through_before_being_served(
         assert got.node.capacity == 7
         again = await stub.GetNode(pb.GetNodeRequest(node_id="n1"))
         assert again.node.capacity == 7 and commands(client, "hgetall") == before + 1
+
+
+async def test_a_repair_never_moves_the_replica_back_when_redis_lost_data(
+    sidecar_factory: SidecarFactory, redis_proc: RedisProcess, namespace: str
+) -> None:
+    """Redis restarted empty: whichever path meets it first (here a repair, as the
+    revalidator starts one on drift) must not swap the older snapshot in. The sidecar
+    rebuilds from the streams it holds, and watchers never see a version go back."""
+    sc = await sidecar_factory(redis_proc.url, namespace)
+    async with grpc.aio.insecure_channel(sc.address) as channel:
+        stub = pb_grpc.RegistryServiceStub(channel)
+        for i in range(3):
+            await register(stub, f"n{i}")
+        beats = stub.Heartbeat()
+        await beats.write(pb.HeartbeatRequest(node_id="n0", seq=1))
+        await beats.read()
+        await eventually(lambda: sc.replica.version >= 3)
+        watch = stub.Watch(pb.WatchRequest())
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async for event in watch:
+                if event.version:
+                    seen.append(event.version)
+
+        follower = asyncio.create_task(follow())
+        before = sc.replica.version
+        redis_proc.restart(keep_data=False)
+        with pytest.raises(Exception, match="lost the registry"):
+            await sc.feed.repair()
+        assert sc.replica.version == before and len(sc.replica) == 3
+        await eventually(lambda: sc.degradation.rebuilds == 1, timeout=10)
+        await eventually(lambda: not sc.degradation.degraded, timeout=10)
+        assert sc.replica.version >= before
+        assert redis_proc.client().exists(f"{{{namespace}}}:node:n0")  # streamed: rebuilt
+        watch.cancel()
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await beats.done_writing()
+    assert seen == sorted(seen), f"watch versions went back: {seen}"
