@@ -316,10 +316,12 @@ class Sidecar:
         ):
             if part is not None:
                 await _bounded(name, part.aclose())
+        # Exporters flush on shutdown, blocking, to a collector that may be gone: off the
+        # loop, and bounded like every other step.
         if self.metrics is not None:
-            self.metrics.shutdown()
+            await _bounded("metrics", asyncio.to_thread(self.metrics.shutdown), 3.0)
         if self._tracing is not None:
-            self._tracing.shutdown()
+            await _bounded("tracing", asyncio.to_thread(self._tracing.shutdown), 3.0)
         self._tiers = self._checker = self._degradation = None
         self._feed = None
         self._gateway = None

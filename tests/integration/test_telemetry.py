@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from registry.config import from_sources
 from registry.server import Sidecar
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
@@ -189,3 +193,71 @@ async def test_spans_for_rpcs_redis_and_heartbeats(
     assert any(
         s.name == "EVALSHA" and s.parent and s.parent.span_id in batch_ids for s in finished()
     )
+
+
+class Collector(
+    metrics_service_pb2_grpc.MetricsServiceServicer, trace_service_pb2_grpc.TraceServiceServicer
+):
+    """An OTLP/gRPC collector that keeps what it is sent: metric and span names."""
+
+    def __init__(self) -> None:
+        self.metrics: set[str] = set()
+        self.spans: set[str] = set()
+
+    async def Export(self, request: Any, context: Any) -> Any:
+        if isinstance(request, metrics_service_pb2.ExportMetricsServiceRequest):
+            for rm in request.resource_metrics:
+                for sm in rm.scope_metrics:
+                    self.metrics.update(m.name for m in sm.metrics)
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+        for rs in request.resource_spans:
+            for ss in rs.scope_spans:
+                self.spans.update(s.name for s in ss.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_otlp_export_follows_the_standard_variables(
+    sidecar_factory: SidecarFactory,
+    redis_proc: RedisProcess,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT alone turns on both pushes (config.py), and the SDK's
+    exporters send to a real OTLP/gRPC endpoint."""
+    collector = Collector()
+    server = grpc.aio.server()
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_METRIC_EXPORT_INTERVAL": "200",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = from_sources(environ=env)
+        assert (settings.metrics_exporter, settings.traces_exporter) == ("otlp", "otlp")
+        sidecar = await sidecar_factory(
+            redis_proc.url,
+            namespace,
+            metrics_exporter=settings.metrics_exporter,
+            traces_exporter=settings.traces_exporter,
+        )
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            stub = pb_grpc.RegistryServiceStub(channel)
+            await stub.RegisterNode(pb.RegisterNodeRequest(node=make_node("n1")))
+        await eventually(
+            lambda: (
+                {"registry.replica.nodes", "db.client.operation.duration"} <= collector.metrics
+                and "/registry.v1.RegistryService/RegisterNode" in collector.spans
+            ),
+            timeout=10,
+        )
+        assert "EVALSHA" in collector.spans
+        await sidecar.aclose()  # flushes to the collector while it still listens
+    finally:
+        await server.stop(None)
