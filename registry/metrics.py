@@ -24,19 +24,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    ConsoleMetricExporter,
-    MetricReader,
-    PeriodicExportingMetricReader,
-)
-from opentelemetry.sdk.resources import Resource
 
 from registry.config import Settings
 from registry.model import HeartbeatOutcome
 
 if TYPE_CHECKING:
+    # The SDK is imported only when metrics are on: it costs ~50 ms and several MiB.
     from wsgiref.simple_server import WSGIServer
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.resources import Resource
 
     from registry.cache import Replica
     from registry.degradation import Degradation
@@ -109,6 +107,8 @@ LOCAL_SLOTS = ("granted", "renewed", "replayed", "dropped")
 def resource() -> Resource:
     """``service.name`` defaults to ``registry-sidecar``; ``OTEL_SERVICE_NAME`` and
     ``OTEL_RESOURCE_ATTRIBUTES`` (read by the SDK) override it."""
+    from opentelemetry.sdk.resources import Resource
+
     return Resource.create({"service.name": "registry-sidecar"})
 
 
@@ -138,14 +138,23 @@ class Metrics:
         self._redis_duration: Any = None
         if settings.metrics_listen:
             self._readers.append(self._prometheus(settings.metrics_listen))
-        if settings.metrics_exporter == "otlp":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-                OTLPMetricExporter,
+        if settings.metrics_exporter:
+            from opentelemetry.sdk.metrics.export import (
+                ConsoleMetricExporter,
+                MetricExporter,
+                PeriodicExportingMetricReader,
             )
 
-            self._readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-        elif settings.metrics_exporter == "console":
-            self._readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+            exporter: MetricExporter
+            if settings.metrics_exporter == "otlp":
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                    OTLPMetricExporter,
+                )
+
+                exporter = OTLPMetricExporter()
+            else:
+                exporter = ConsoleMetricExporter()
+            self._readers.append(PeriodicExportingMetricReader(exporter))
 
     @property
     def enabled(self) -> bool:
@@ -173,6 +182,8 @@ class Metrics:
     def start(self, parts: Parts) -> None:
         if not self._readers:
             return
+        from opentelemetry.sdk.metrics import MeterProvider
+
         self._provider = MeterProvider(metric_readers=self._readers, resource=resource())
         meter = self._provider.get_meter(METER)
         self._rpc_duration = meter.create_histogram(

@@ -11,13 +11,12 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.sdk.metrics.export import MetricReader
-from opentelemetry.sdk.trace.export import SpanExporter
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from registry.cache import Replica
@@ -34,6 +33,10 @@ from registry.tracing import Tracing, background
 from registry.versions import VersionChecker
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 

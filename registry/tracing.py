@@ -23,18 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
 
 from registry.config import Settings
 from registry.metrics import resource
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
     from registry.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -60,6 +56,14 @@ class Tracing:
         """None when tracing is off: callers test it before building a span."""
         if exporter is None and not settings.traces_exporter:
             return
+        # The SDK only when tracing is on (it costs import time and memory).
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SimpleSpanProcessor,
+        )
+
         provider = TracerProvider(resource=resource())
         if exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
