@@ -20,6 +20,7 @@ import pytest
 import registry
 from registry.config import Settings
 from registry_client import (
+    AlreadyExists,
     FailedPrecondition,
     HeartbeatSession,
     InvalidArgument,
@@ -271,8 +272,12 @@ async def test_schedule(client: RegistryClient) -> None:
     assert scheduled.node.node_id == "n1"
     assert scheduled.node.running_jobs == 1
     assert scheduled.attempts >= 1
-    with pytest.raises(ResourceExhausted):
+    with pytest.raises(ResourceExhausted) as full:
         await client.schedule("job-4", "p")
+    breakdown = full.value.breakdown  # the status detail says why
+    assert breakdown is not None and breakdown.considered == 1 and breakdown.full == 1
+    with pytest.raises(AlreadyExists):  # job-3 holds its slot on n1
+        await client.reserve_slot("n2", "job-3")
 
 
 async def test_status(client: RegistryClient) -> None:

@@ -123,6 +123,7 @@ def test_select_reserve_release_schedule(client: SyncRegistryClient) -> None:
     with pytest.raises(ResourceExhausted) as full:
         client.schedule("job-4", "p")
     assert isinstance(full.value.__cause__, grpc.RpcError)
+    assert full.value.breakdown is not None and full.value.breakdown.full == 2
 
 
 def test_pools_and_status(client: SyncRegistryClient) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from registry_client.client import RegistryClient, as_lang_pair, select_request
 from registry_client.errors import (
     Aborted,
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -30,6 +31,7 @@ from registry_client.watch import Watcher
 
 __all__ = [
     "Aborted",
+    "AlreadyExists",
     "DeadlineExceeded",
     "FailedPrecondition",
     "HeartbeatSession",

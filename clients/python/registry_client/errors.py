@@ -7,7 +7,15 @@ codes, so the transport stays an implementation detail. The original error is al
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+from google.rpc import status_pb2
+
+from registry_client.v1 import registry_pb2 as pb
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+"""Trailing metadata holding a google.rpc.Status with typed details (gRPC's convention)."""
 
 
 class RegistryError(Exception):
@@ -49,9 +57,29 @@ class FailedPrecondition(RegistryError):
 
 
 class ResourceExhausted(RegistryError):
-    """No free slot, or a stream fell too far behind and was ended by the server."""
+    """No free slot, or a stream fell too far behind and was ended by the server.
+
+    A failed Schedule says why in :attr:`breakdown`: how many nodes each filter excluded.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self,
+        details: str = "",
+        *,
+        code: grpc.StatusCode | None = None,
+        breakdown: pb.SelectionBreakdown | None = None,
+    ) -> None:
+        super().__init__(details, code=code)
+        self.breakdown = breakdown
+        """The SelectionBreakdown sent as a status detail (Schedule), else None."""
+
+
+class AlreadyExists(RegistryError):
+    """The job already holds a slot on another node (ReserveSlot); release it there first."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class Unavailable(RegistryError):
@@ -92,6 +120,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RegistryError]] = {
         NotFound,
         FailedPrecondition,
         ResourceExhausted,
+        AlreadyExists,
         Unavailable,
         Aborted,
         Unimplemented,
@@ -129,13 +158,30 @@ def from_rpc_error(exc: grpc.RpcError) -> RegistryError:
     cls = _BY_CODE.get(code)
     if cls is None:
         return RegistryError(details, code=code)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(details, breakdown=_breakdown(exc))
     return cls(details)
+
+
+def _breakdown(exc: grpc.RpcError) -> pb.SelectionBreakdown | None:
+    """The SelectionBreakdown among the status details, if the server sent one."""
+    trailing: Any = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key != STATUS_DETAILS_KEY:
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            breakdown = pb.SelectionBreakdown()
+            if detail.Unpack(breakdown):
+                return breakdown
+    return None
 
 
 __all__ = [
     "RETRYABLE_CODES",
     "STREAM_RETRYABLE_CODES",
     "Aborted",
+    "AlreadyExists",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
