@@ -7,8 +7,10 @@ parsed with prometheus_client's own parser: what an operator's Prometheus would 
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +30,8 @@ from tests.integration.test_sidecar import eventually, make_node
 from tests.support.redis_proc import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -120,6 +124,15 @@ async def test_scrape_after_a_workload(metered: Sidecar, stub: pb_grpc.RegistryS
     conns = "db_client_connection_count"
     assert value(m, conns, db_client_connection_pool_name="hot") >= 1
     assert value(m, "registry_event_loop_lag_seconds") < 1
+
+    # Every series the shipped dashboard and alert rules query exists (a renamed metric
+    # would otherwise leave them silently empty).
+    names = {name for name, _ in m} | {label for _, labels in m for label, _ in labels}
+    names |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in names}  # histogram names
+    for path in ("deploy/grafana/registry-dashboard.json", "deploy/prometheus/alerts.yml"):
+        text = (ROOT / path).read_text()
+        used = set(re.findall(r"\b(?:registry|rpc_server|db_client)_[a-z_]+\b", text))
+        assert used and used <= names, f"{path} queries unknown series: {sorted(used - names)}"
 
 
 async def test_degraded_period_is_counted(
