@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import logging
 import random
 import threading
@@ -412,12 +411,10 @@ class Degradation:
     def slots(self, what: str) -> Slots:
         """Where a reservation goes: Redis, or while degraded the local grants (policy
         ``local``) or nowhere: UNAVAILABLE with retry advice (policy ``reject``)."""
-        if not self.degraded:
-            return self._gateway
-        if self.local.budget > 0:
+        if self.degraded and self.local.budget > 0:
             return self.local
-        self.refuse(what)
-        return self._gateway  # not reached: refuse raised
+        self.refuse(what)  # raises while degraded (policy reject)
+        return self._gateway
 
     def refuse(self, what: str) -> None:
         """Writes that cannot be promised without Redis (slots)."""
@@ -527,7 +524,7 @@ class Degradation:
             "drain": self._gateway.drain,
             "release": self._gateway.release,
             "put_pool": self._gateway.put_pool,
-            "reserve": functools.partial(self._gateway.reserve, replay=True),
+            "reserve": self._replay_reserve,
         }
         call = calls[kind]
         try:
@@ -536,11 +533,17 @@ class Degradation:
             raise
         except RegistryError as exc:  # e.g. drain of a node removed meanwhile
             log.info("buffered %s%s no longer applies: %s", kind, args[:2], exc)
-            if kind == "reserve":
-                self.local.replayed(args[0], args[1], applied=False)
-        else:
-            if kind == "reserve":
-                self.local.replayed(args[0], args[1], applied=True)
+
+    async def _replay_reserve(self, node_id: str, job_id: str, lease_ms: int) -> None:
+        """A local grant reaches Redis (recorded even beyond capacity), or is dropped."""
+        try:
+            await self._gateway.reserve(node_id, job_id, lease_ms, replay=True)
+        except Unavailable:
+            raise  # stays buffered; the next probe replays it
+        except RegistryError:
+            self.local.replayed(node_id, job_id, applied=False)
+            raise
+        self.local.replayed(node_id, job_id, applied=True)
 
 
 def adopt_window(node: Node) -> int:

@@ -374,7 +374,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         except RegistryError as exc:
             self._count_failed_reservation("ReserveSlot", exc)
             raise
-        self._count_reservation("ReserveSlot", res)
+        self._granted("ReserveSlot", res)
         return pb.ReserveSlotResponse(
             node=convert.node_to_pb(res.node),
             created=res.created,
@@ -585,7 +585,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             self._count_failed_reservation("Schedule", exc)
             raise
         res = done.reservation
-        self._count_reservation("Schedule", res)
+        self._granted("Schedule", res)
         return pb.ScheduleResponse(
             node=convert.node_to_pb(res.node),
             breakdown=convert.breakdown_to_pb(done.breakdown),
@@ -595,16 +595,18 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             buffered=res.buffered,
         )
 
-    def _count_reservation(self, rpc: str, res: Reservation) -> None:
-        """Count it; a slot Redis granted also goes into the replica at once (a local
-        grant does not: the replica holds what Redis has)."""
+    def _granted(self, rpc: str, res: Reservation) -> None:
+        """Count a granted slot; one Redis granted also goes into the replica at once (a
+        local grant does not: the replica holds what Redis has)."""
         outcome = "created" if res.created else "renewed"
         self.reservations[(rpc, f"local_{outcome}" if res.buffered else outcome)] += 1
         if not res.buffered:
             self._replica.apply_local(res.node, res.node.node_id, res.node.version)
 
     def _count_failed_reservation(self, rpc: str, exc: RegistryError) -> None:
-        outcome = RESERVE_OUTCOMES.get(type(exc), "error")
+        outcome = next(
+            (RESERVE_OUTCOMES[k] for k in type(exc).__mro__ if k in RESERVE_OUTCOMES), "error"
+        )
         if self._deg.degraded and isinstance(exc, Unavailable):
             outcome = "refused_degraded"
         if rpc == "Schedule" and isinstance(exc, ResourceExhausted):

@@ -262,7 +262,9 @@ class Gateway:
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(body) for name, body in _load_scripts().items()
         }
-        self._pending: list[tuple[HeartbeatIn, asyncio.Future[HeartbeatResult], Any]] = []
+        self._pending: list[
+            tuple[HeartbeatIn, asyncio.Future[HeartbeatResult], trace.Span | None]
+        ] = []
         self._flusher: asyncio.Task[None] | None = None
         self.latency = LatencyWindow()
         self.recorder: Recorder | None = None
@@ -326,7 +328,7 @@ class Gateway:
         return _Op(self, name, hot, script)
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        with _Op(self, name, True, True):
+        with self._op(name, script=True):
             return await self._scripts[name](keys=list(keys), args=list(args))
 
     # --- setup -----------------------------------------------------------------------
