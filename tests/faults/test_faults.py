@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from registry.server import Sidecar
 from registry_client.v1 import registry_pb2 as pb
@@ -221,13 +227,29 @@ async def resolve_uncertain(r: Rig) -> None:
     a lost reply shows up as created=false on the node that holds the slot."""
     for job, node in sorted(r.f.releasing.items()):
         await r.stubs[0].ReleaseSlot(pb.ReleaseSlotRequest(node_id=node, job_id=job))
+
+    async def schedule(job: str) -> pb.ScheduleResponse:
+        request = pb.ScheduleRequest(
+            selector=pb.SelectNodesRequest(pool_id="p"), job_id=job, lease_ms=30_000
+        )
+        reply: pb.ScheduleResponse = await r.stubs[0].Schedule(request)
+        return reply
+
+    # UNAVAILABLE is the contract's "retry": on a loaded machine a hot-path call can
+    # still time out just after the return to NORMAL, as a scheduler would see it too.
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(
+            lambda e: (
+                isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
+            )
+        ),
+        wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
+        stop=stop_after_attempt(10),
+        reraise=True,
+    )
     for job in sorted(r.f.uncertain):
         try:
-            reply = await r.stubs[0].Schedule(
-                pb.ScheduleRequest(
-                    selector=pb.SelectNodesRequest(pool_id="p"), job_id=job, lease_ms=30_000
-                )
-            )
+            reply = await retrying(schedule, job)
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
             continue
