@@ -1,4 +1,6 @@
-"""``python -m registry serve`` as an operator runs it: embedded Redis, SIGTERM, restart."""
+"""``python -m registry serve`` as an operator runs it: embedded Redis, SIGTERM, restart;
+SIGTERM and SIGINT while it still waits for Redis, and a second signal during a shutdown
+that hangs."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -101,3 +104,120 @@ def test_serve_with_embedded_redis_survives_a_restart(tmp_path: Path) -> None:
     finally:
         stop(proc)
     assert proc.returncode == 0
+
+
+def start_logging_to(log_path: Path, *argv: str) -> subprocess.Popen[bytes]:
+    """``python *argv`` with its output in ``log_path``: a file can be polled, a pipe
+    cannot without a reader thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env["REGISTRY_DATA_DIR"] = str(log_path.parent / "data")
+    with log_path.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_logged(proc: subprocess.Popen[bytes], log_path: Path, text: str) -> None:
+    deadline = time.monotonic() + 20
+    while text not in log_path.read_text():
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{log_path.read_text()}"
+        time.sleep(0.05)
+
+
+def exit_within(proc: subprocess.Popen[bytes], log_path: Path, seconds: float) -> int:
+    sent = time.monotonic()
+    try:
+        code = proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"still running {seconds} s after the signal:\n{log_path.read_text()}")
+    assert time.monotonic() - sent < seconds
+    return code
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_waiting_for_redis_stops_the_sidecar(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Start-up waits for Redis as long as it takes; a stop signal must not."""
+    log_path = tmp_path / "sidecar.log"
+    nobody = free_port()  # nothing listens here
+    proc = start_logging_to(
+        log_path,
+        "-m",
+        "registry",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--redis-url",
+        f"redis://127.0.0.1:{nobody}/0",
+    )
+    try:
+        wait_logged(proc, log_path, "waiting for Redis")
+        proc.send_signal(sig)
+        code = exit_within(proc, log_path, 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert code == 0, log
+    assert "stopped during start-up" in log
+
+
+# The real Sidecar shuts down within its bounds, so a hanging one stands in for it:
+# `serve` imports registry.server lazily, which lets this script put its own in place.
+HANGING_SHUTDOWN = textwrap.dedent(
+    """
+    import asyncio, logging, sys, types
+    from registry import cli
+
+    class Sidecar:
+        def __init__(self, settings):
+            pass
+
+        async def start(self):
+            logging.getLogger("fake").warning("fake started")
+
+        async def aclose(self):
+            logging.getLogger("fake").warning("fake closing")
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if sys.argv[1] == "cancellable":
+                        raise  # else: ignores cancellation, so only os._exit ends it
+
+    fake = types.ModuleType("registry.server")
+    fake.Sidecar = Sidecar
+    sys.modules["registry.server"] = fake
+    sys.exit(cli.main(["serve", "--listen", "127.0.0.1:0"]))
+    """
+)
+
+
+@pytest.mark.parametrize("hang", ["cancellable", "stubborn"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_cuts_a_hanging_shutdown_short(
+    tmp_path: Path, sig: signal.Signals, hang: str
+) -> None:
+    log_path = tmp_path / "sidecar.log"
+    proc = start_logging_to(log_path, "-c", HANGING_SHUTDOWN, hang)
+    try:
+        wait_logged(proc, log_path, "fake started")
+        proc.send_signal(sig)
+        wait_logged(proc, log_path, "fake closing")
+        time.sleep(0.2)
+        assert proc.poll() is None, "the first signal waits for the shutdown"
+        proc.send_signal(sig)
+        # Cancelled, the shutdown unwinds at once; ignoring cancellation, it gets 2 s.
+        code = exit_within(proc, log_path, 2 if hang == "cancellable" else 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert code == 128 + sig.value, log
+    assert f"{sig.name} received again" in log
