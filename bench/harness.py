@@ -19,11 +19,13 @@ import os
 import platform
 import pstats
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -332,7 +334,9 @@ async def _server(spec: ServerSpec) -> AsyncIterator[str]:
         from registry.config import Settings
         from registry.server import Sidecar
 
-        settings = Settings(listen="127.0.0.1:0", **spec.params)
+        # A data directory of its own: each sidecar locks its write-buffer journal there.
+        data_dir = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
+        settings = Settings(**{"listen": "127.0.0.1:0", "data_dir": data_dir, **spec.params})
         async with Sidecar(settings) as sidecar:
             yield sidecar.address
     else:

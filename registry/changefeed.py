@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from registry import dataset
 from registry.cache import Replica
 from registry.errors import Unavailable
 from registry.gateway import Gateway
@@ -66,7 +67,7 @@ class ChangeFeed:
         )
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="changefeed")
+        self._task = asyncio.create_task(self.run(), name="changefeed")
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -148,13 +149,15 @@ class ChangeFeed:
         """A snapshot older than the replica means Redis lost data (restarted empty, a
         failover that lost writes). Swapping it in would move the replica, and every
         watcher, back; the sidecar rebuilds instead, which lifts Redis's version first."""
-        if version < had:
-            why = f"Redis lost the registry: its version {version} is behind the replica's {had}"
+        why = dataset.loss(
+            version=version, had=had, epoch=self._gateway.epoch, known_epoch=self._gateway.epoch
+        )
+        if why is not None:
             if self.on_lost is not None:
                 self.on_lost(why)
             raise Unavailable(why)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(Unavailable),
             wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),

@@ -26,7 +26,8 @@ class Settings:
     namespace: str = "reg"
     """Prefix and hash tag of every key, so several registries can share one Redis."""
     data_dir: Path = Path(".registry-data")
-    """Where the embedded redis-server keeps its socket and append-only file."""
+    """Where the embedded redis-server keeps its socket and append-only file, and the sidecar
+    the journal of its write buffer (one sidecar per directory: it is locked)."""
     redis_server_bin: str = "redis-server"
     """Executable for the embedded Redis."""
     default_ttl_ms: int = 10_000
@@ -72,16 +73,25 @@ class Settings:
     """A heartbeat's metrics are a material change (logged) when one moves by this much."""
     redis_timeout_ms: int = 1_000
     """Timeout of bulk Redis reads (preload, repair, log catch-up); the feed adds its block."""
-    hot_timeout_ms: int = 250
-    """Timeout of every hot-path Redis call (writes, checks), a backstop: a frozen Redis is
-    noticed by the watchdog first. No retries on the hot path but one on a reset
-    connection. (Timed on the event loop, so it also counts the loop's own queue: a
-    tighter value trips the breaker under heavy load; see docs/reliability.md.)"""
-    watchdog_timeout_ms: int = 25
-    """Timeout of the watchdog's PING, timed in a thread of its own on the socket: how long
-    a frozen Redis (which sends no reset) goes unnoticed at most, plus one interval."""
+    hot_timeout_ms: int = 2_000
+    """Deadline of each hot-path Redis call (writes, reads-through): a write still waiting
+    then is buffered (acknowledged, replayed). Not a failure signal: a busy Redis answers
+    late and is not down; the failure detector decides that. No retries on the hot path
+    but one on a reset connection."""
+    watchdog_timeout_ms: int = 30
+    """Floor of the failure detector's silence threshold: Redis silent on every connection
+    for less than this is never down. On a quiet machine this decides how fast a frozen
+    Redis is found; under load the threshold grows with the PING round trips' spread."""
+    watchdog_ceiling_ms: int = 1_000
+    """Ceiling of the silence threshold: this long without any answer is always down."""
     watchdog_interval_ms: int = 10
-    """How often the watchdog thread PINGs Redis."""
+    """How often the failure detector's thread PINGs Redis."""
+    journal: bool = True
+    """Keep the write buffer in a journal in ``data_dir``, so writes acknowledged while
+    Redis was unreachable survive a restart of the sidecar."""
+    journal_fsync: bool = False
+    """fsync the journal on every buffered write (survives a machine crash, not just a
+    crash of the sidecar; costs a disk flush per write)."""
     write_buffer_max: int = 10_000
     """Writes (register, deregister, drain, release, pools) buffered while degraded."""
     heartbeat_buffer_max: int = 100_000
@@ -101,6 +111,17 @@ class Settings:
     """Block time of the change feed's stream reads; bounds staleness while idle."""
     heartbeat_batch_max: int = 512
     """Most heartbeats sent to Redis in one script call."""
+    heartbeat_queue_soft: int = 1_024
+    """Heartbeats waiting for a batch at which acks start asking nodes to beat less often
+    (backpressure; see docs/reliability.md)."""
+    heartbeat_queue_max: int = 8_192
+    """Heartbeats waiting for a batch at which streams stop being read until there is room."""
+    heartbeat_lag_soft_ms: int = 50
+    """Event-loop lag at which acks start asking nodes to beat less often."""
+    heartbeat_max_stretch: float = 4.0
+    """The most the suggested heartbeat interval (and the deadline with it) is stretched."""
+    heartbeat_stretch_hold_ms: int = 10_000
+    """How long a stretched interval holds before it comes back down."""
     watch_queue_max: int = 4_096
     """Events a Watch stream may fall behind by before it is ended RESOURCE_EXHAUSTED."""
     watch_history: int = 10_000
@@ -146,6 +167,7 @@ class Settings:
             "redis_timeout_ms",
             "hot_timeout_ms",
             "watchdog_timeout_ms",
+            "watchdog_ceiling_ms",
             "watchdog_interval_ms",
             "write_buffer_max",
             "heartbeat_buffer_max",
@@ -154,6 +176,10 @@ class Settings:
             "recovery_probe_max_ms",
             "feed_block_ms",
             "heartbeat_batch_max",
+            "heartbeat_queue_soft",
+            "heartbeat_queue_max",
+            "heartbeat_lag_soft_ms",
+            "heartbeat_stretch_hold_ms",
             "watch_queue_max",
             "watch_history",
             "watch_bookmark_ms",
@@ -170,6 +196,10 @@ class Settings:
             raise ValueError("complete_ms must be >= 0")
         if self.l2_ttl_ms < self.l1_ttl_ms or self.miss_marker_max_ms < self.miss_marker_min_ms:
             raise ValueError("need l2_ttl_ms >= l1_ttl_ms and miss_marker_max_ms >= min")
+        if not 1 <= self.heartbeat_max_stretch <= 100:
+            raise ValueError("heartbeat_max_stretch must lie within [1, 100]")
+        if self.watchdog_ceiling_ms < self.watchdog_timeout_ms:
+            raise ValueError("watchdog_ceiling_ms must be >= watchdog_timeout_ms")
         if self.reconcile_grace_ms < 0 or not 0 <= self.free_capacity_weight <= 10:
             raise ValueError("reconcile_grace_ms must be >= 0, free_capacity_weight in [0, 10]")
 
@@ -207,8 +237,15 @@ def _convert(name: str, raw: str) -> object:
         return float(raw)
     if kind == "Path":
         return Path(raw)
+    if kind == "bool":
+        if raw.lower() not in _BOOLS:
+            raise ValueError(f"{name} must be one of {sorted(_BOOLS)}")
+        return _BOOLS[raw.lower()]
     return raw
 
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False}
+_BOOLS |= {"no": False, "off": False}
 
 _CONFIGURABLE = [f.name for f in fields(Settings)]
 

@@ -37,10 +37,12 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
     from opentelemetry.sdk.resources import Resource
 
+    from registry.backpressure import Backpressure
     from registry.cache import Replica
     from registry.degradation import Degradation
     from registry.gateway import Gateway
     from registry.servicer import RegistryServicer
+    from registry.supervisor import Supervisor
     from registry.tiers import Tiers
     from registry.versions import VersionChecker
 
@@ -123,6 +125,8 @@ class Parts:
     tiers: Tiers
     degradation: Degradation
     servicer: RegistryServicer
+    backpressure: Backpressure
+    supervisor: Supervisor
 
 
 class Metrics:
@@ -548,6 +552,78 @@ def _observe(meter: Meter, p: Parts) -> None:
     def loop_lag() -> Iterator[Any]:
         lags = list(deg.loop_lags)
         yield (max(lags) if lags else 0.0), {}
+
+    def supervised(attr: str) -> Callable[[], Iterator[Any]]:
+        def read() -> Iterator[Any]:
+            for state in p.supervisor.snapshot():
+                yield getattr(state, attr), {"part": state.name}
+
+        return read
+
+    counter(
+        "registry.supervisor.failures",
+        "{failure}",
+        "Unexpected exceptions of background parts (each logged at ERROR and restarted), by part.",
+        supervised("failures"),
+    )
+    counter(
+        "registry.supervisor.restarts",
+        "{restart}",
+        "Restarts of background parts, by part.",
+        supervised("restarts"),
+    )
+    gauge(
+        "registry.supervisor.healthy",
+        "1",
+        "0 while a background part keeps failing (gRPC health is NOT_SERVING then).",
+        one(lambda: int(p.supervisor.healthy)),
+    )
+    bp = p.backpressure
+    gauge(
+        "registry.heartbeat.interval_factor",
+        "1",
+        "How much the heartbeat interval suggested to nodes is stretched (1: not at all; "
+        "backpressure, see docs/reliability.md).",
+        one(lambda: bp.factor),
+    )
+    gauge(
+        "registry.heartbeat.queue",
+        "{heartbeat}",
+        "Heartbeats waiting for a batch to Redis (the ingest queue).",
+        one(lambda: p.gateway.heartbeats_queued),
+    )
+    counter(
+        "registry.heartbeat.queue_full",
+        "{wait}",
+        "Times a stream's reader waited because the ingest queue was at its bound.",
+        one(lambda: bp.waits),
+    )
+    counter(
+        "registry.writes.superseded",
+        "{heartbeat}",
+        "Buffered heartbeats dropped, not replayed, because a newer one reached Redis.",
+        one(lambda: deg.buffer.superseded),
+    )
+
+    def detector_trips() -> Iterator[Any]:
+        d = deg.detector
+        yield (d.silences if d else 0), {"cause": "silence"}
+        yield (d.errors if d else 0), {"cause": "connection"}
+        yield (d.vetoed if d else 0), {"cause": "vetoed_busy"}
+
+    counter(
+        "registry.detector.verdicts",
+        "{verdict}",
+        "Failure detector verdicts: down for silence, down for a failed connection, and "
+        "PINGs past the threshold that did not trip because Redis answered elsewhere (busy).",
+        detector_trips,
+    )
+    gauge(
+        "registry.detector.threshold",
+        "s",
+        "The failure detector's current silence threshold (adapts to PING round trips).",
+        one(lambda: deg.detector.threshold_s if deg.detector else 0.0),
+    )
 
     gauge(
         "registry.event_loop.lag",

@@ -8,6 +8,7 @@ period, then stop the loops and close Redis.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections.abc import Awaitable, Iterable
@@ -19,15 +20,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from registry.backpressure import Backpressure, Limits
 from registry.cache import Replica
 from registry.changefeed import ChangeFeed
 from registry.config import Settings
-from registry.degradation import Degradation
+from registry.degradation import Degradation, Journal, Thresholds
 from registry.embedded_redis import EmbeddedRedis
 from registry.errors import Unavailable
 from registry.gateway import Gateway
 from registry.metrics import Metrics, Parts
 from registry.servicer import RegistryServicer
+from registry.supervisor import Supervisor
 from registry.tiers import Tiers
 from registry.tracing import Tracing, background
 from registry.versions import VersionChecker
@@ -66,7 +69,9 @@ class Sidecar:
         self._feed: ChangeFeed | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
-        self._expiry: asyncio.Task[None] | None = None
+        self.supervisor: Supervisor | None = None
+        self._serving = False
+        self._journal: Journal | None = None
         self.replica = Replica(
             history=settings.watch_history,
             watch_queue_max=settings.watch_queue_max,
@@ -141,6 +146,9 @@ class Sidecar:
             reconcile_grace_ms=s.reconcile_grace_ms,
             adopt_lease_ms=s.default_lease_ms,
         )
+        if s.journal:  # first: a data directory another sidecar holds fails fast
+            path = s.data_dir / f"journal-{s.namespace}.jsonl"
+            self._journal = Journal(path, fsync=s.journal_fsync)
         with background():
             epoch = await self._until_redis(self._gateway.ensure_epoch)
         self._feed = ChangeFeed(self._gateway, self.replica, block_ms=s.feed_block_ms)
@@ -154,9 +162,14 @@ class Sidecar:
             max_heartbeats=s.heartbeat_buffer_max,
             probe_max_s=s.recovery_probe_max_ms / 1000,
             local_slot_budget=s.local_slot_budget if s.reservation_policy == "local" else 0,
-            watchdog=self._gateway.watchdog_ping(s.watchdog_timeout_ms / 1000),
-            watchdog_interval_s=s.watchdog_interval_ms / 1000,
+            probe=self._gateway.probe(s.redis_timeout_ms / 1000),
+            probe_interval_s=s.watchdog_interval_ms / 1000,
+            thresholds=Thresholds(
+                floor_s=s.watchdog_timeout_ms / 1000, ceiling_s=s.watchdog_ceiling_ms / 1000
+            ),
+            journal=self._journal,
         )
+        self._degradation.restore_journal()
         self._feed.on_lost = self._degradation.trip
         degraded = lambda: self._degradation is not None and self._degradation.degraded  # noqa: E731
         self._checker = VersionChecker(
@@ -177,6 +190,19 @@ class Sidecar:
             complete_ms=s.complete_ms,
             paused=degraded,
         )
+        gateway, degradation = self._gateway, self._degradation
+        self.backpressure = Backpressure(
+            Limits(
+                queue_soft=s.heartbeat_queue_soft,
+                queue_max=s.heartbeat_queue_max,
+                lag_soft_s=s.heartbeat_lag_soft_ms / 1000,
+                max_factor=s.heartbeat_max_stretch,
+                hold_s=s.heartbeat_stretch_hold_ms / 1000,
+            ),
+            queued=lambda: gateway.heartbeats_queued,
+            loop_lag=lambda: max(itertools.islice(reversed(degradation.loop_lags), 20), default=0),
+            stretch=lambda factor: setattr(gateway, "stretch", factor),
+        )
         self.servicer = RegistryServicer(
             s,
             self._gateway,
@@ -185,14 +211,19 @@ class Sidecar:
             self._checker,
             self._tiers,
             self._degradation,
+            self.backpressure,
         )
 
         options = [
+            # A port another process serves is a start-up error, not a shared port that
+            # clients reach at random (gRPC sets SO_REUSEPORT by default).
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
+        self._supervisor = Supervisor(self._on_health)
         self.metrics = Metrics(s, self._metric_readers)
         self._tracing = Tracing(s, self._span_exporter)
         self._tracing.instrument(self._gateway)
@@ -205,6 +236,8 @@ class Sidecar:
                 self._tiers,
                 self._degradation,
                 self.servicer,
+                self.backpressure,
+                self._supervisor,
             )
         )
         # Tracing first, so the RPC timer's measurement happens inside the RPC's span.
@@ -231,11 +264,14 @@ class Sidecar:
         # Not around server.start(): its tasks copy the context, and RPCs must be traced.
         with background():  # tasks copy this context: no spans from the loops
             await self._until_redis(self._feed.preload)
-            self._feed.start()
-            self.degradation.start()
-            self._checker.start()
-            self._tiers.start()
-            self._expiry = asyncio.create_task(self._expire_loop(), name="expiry")
+            sup = self.supervisor = self._supervisor
+            sup.spawn("changefeed", self._feed.run)
+            self.degradation.start(sup.spawn)
+            sup.spawn("version-checker", self._checker.run)
+            sup.spawn("revalidator", self._tiers.run)
+            sup.spawn("expiry", self._expire_loop)
+            sup.spawn("backpressure", self.backpressure.run)
+        self._serving = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d nodes at version %d", len(self.replica), self.replica.version)
 
@@ -252,6 +288,21 @@ class Sidecar:
             with attempt:
                 result = await step()  # type: ignore[operator]
         return result  # type: ignore[no-any-return]
+
+    async def _on_health(self, healthy: bool) -> None:
+        """A background part keeps failing: NOT_SERVING (the replica may be going stale)
+        until every part has run quietly for a while."""
+        if not self._serving:
+            return
+        if healthy:
+            log.warning("background parts healthy again: SERVING")
+        else:
+            log.error(
+                "background parts keep failing (%s): NOT_SERVING",
+                ", ".join(self.supervisor.unhealthy_parts() if self.supervisor else ()),
+            )
+        status = health_pb2.HealthCheckResponse
+        await self._set_health(status.SERVING if healthy else status.NOT_SERVING)
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
@@ -270,8 +321,8 @@ class Sidecar:
         period = s.expiry_interval_ms / 1000
         while True:
             await asyncio.sleep(period * random.uniform(0.8, 1.2))
-            if self.degradation.degraded:
-                continue
+            if self.degradation.degraded or self.degradation.draining:
+                continue  # buffered heartbeats first, or their nodes would expire
             try:
                 offline, removed, freed, shifted = await self.gateway.expire(
                     s.offline_grace_ms, pause_ms=s.self_preservation_pause_ms
@@ -293,6 +344,7 @@ class Sidecar:
 
         Each step is bounded: a stop must never hang, whatever a stream or Redis does.
         """
+        self._serving = False
         if self._server is not None:
             server, self._server = self._server, None
             await _bounded(
@@ -305,10 +357,9 @@ class Sidecar:
                 server.stop(self.settings.shutdown_grace_s),
                 self.settings.shutdown_grace_s + 5,
             )
-        if self._expiry is not None:
-            self._expiry.cancel()
-            await _bounded("expiry loop", asyncio.gather(self._expiry, return_exceptions=True))
-            self._expiry = None
+        if self.supervisor is not None:  # the loops stop before what they use closes
+            await _bounded("background parts", self.supervisor.aclose(), 10.0)
+            self.supervisor = None
         for name, part in (
             ("revalidator", self._tiers),
             ("version checker", self._checker),
@@ -325,6 +376,9 @@ class Sidecar:
             await _bounded("metrics", asyncio.to_thread(self.metrics.shutdown), 3.0)
         if self._tracing is not None:
             await _bounded("tracing", asyncio.to_thread(self._tracing.shutdown), 3.0)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         self._tiers = self._checker = self._degradation = None
         self._feed = None
         self._gateway = None

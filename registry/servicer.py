@@ -22,10 +22,18 @@ from grpc_status import rpc_status
 from opentelemetry.trace import Span, Tracer
 
 from registry import convert, validation
+from registry.backpressure import Backpressure
 from registry.cache import Replica, for_pool
 from registry.changefeed import ChangeFeed
 from registry.config import Settings
-from registry.degradation import Degradation
+from registry.degradation import (
+    Degradation,
+    Deregister,
+    Drain,
+    PutPool,
+    Register,
+    ReleaseSlot,
+)
 from registry.errors import (
     Aborted,
     AlreadyExists,
@@ -133,8 +141,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         checker: VersionChecker,
         tiers: Tiers,
         degradation: Degradation,
+        backpressure: Backpressure,
     ) -> None:
         self._s = settings
+        self._bp = backpressure
         self._weights = settings.weights()
         self._gateway = gateway
         self._replica = replica
@@ -174,7 +184,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.Freshness(
             version=r.version,
             staleness_ms=max(r.staleness_ms(), 0),
-            degraded=self._deg.degraded or not self._feed.connected,
+            degraded=self._deg.suspect or not self._feed.connected,
         )
 
     def _require_ready(self) -> None:
@@ -204,9 +214,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         ttl = validation.check_ttl(
             "ttl_ms", request.ttl_ms, s.default_ttl_ms, s.min_ttl_ms, s.max_ttl_ms
         )
-        done = await self._deg.write(
-            "register", (spec, ttl), lambda: self._gateway.register(spec, ttl)
-        )
+        done = await self._deg.write(Register(spec, ttl))
         if done is None:  # buffered while degraded
             pending = _pending_node(spec, ttl, self._replica.get(spec.node_id))
             return pb.RegisterNodeResponse(node=convert.node_to_pb(pending))
@@ -231,6 +239,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         in_flight = asyncio.Semaphore(HEARTBEAT_IN_FLIGHT)
         failure: list[RegistryError] = []
         streamed: list[str] = []
+        buffered = self._deg.buffer.heartbeats
 
         async def read() -> None:
             try:
@@ -241,6 +250,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                         failure.append(exc)
                         return
                     self.heartbeats_received += 1
+                    if self._bp.full:  # gRPC flow control holds the node back meanwhile
+                        await self._bp.room()
                     if not streamed:
                         streamed.append(beat.node_id)
                         self._streamed[beat.node_id] += 1
@@ -251,9 +262,11 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                             "Heartbeat message",
                             attributes={"registry.node_id": beat.node_id, "registry.seq": req.seq},
                         )
-                    sent = (
-                        None if self._deg.degraded else self._gateway.submit_heartbeat(beat, span)
-                    )
+                    sent = None
+                    if not self._deg.degraded:
+                        if beat.node_id in buffered:  # newer than the one in the buffer
+                            self._deg.buffer.supersede(beat.node_id)
+                        sent = self._gateway.submit_heartbeat(beat, span)
                     pending.put_nowait((req.seq, beat, sent, span))
             finally:
                 pending.put_nowait(None)
@@ -270,10 +283,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     else:
                         try:
                             result = await fut
-                        except Unavailable as exc:
-                            # Redis failed it (or its reply was lost): degrade and keep
-                            # it; the stream goes on, every request gets its answer.
-                            self._deg.trip(f"heartbeat failed: {exc}")
+                        except Unavailable:
+                            # Redis went down while it waited, or its deadline passed:
+                            # keep it (replayed in order); every request gets its answer.
                             result = self._buffer(beat)
                 except RegistryError as exc:
                     await context.abort(status_of(exc), str(exc))
@@ -282,7 +294,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 if span is not None:
                     span.set_attribute("registry.heartbeat.outcome", result.outcome.name)
                     span.end()
-                yield _heartbeat_response(seq, result, self._s.heartbeat_interval_ms)
+                yield _heartbeat_response(
+                    seq, result, self._s.heartbeat_interval_ms, self._bp.factor
+                )
             if failure:
                 await context.abort(status_of(failure[0]), str(failure[0]))
             if self._closing:
@@ -329,9 +343,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, request: pb.DeregisterNodeRequest, context: Context
     ) -> pb.DeregisterNodeResponse:
         node_id = validation.check_id("node_id", request.node_id)
-        done = await self._deg.write(
-            "deregister", (node_id,), lambda: self._gateway.deregister(node_id)
-        )
+        done = await self._deg.write(Deregister(node_id))
         if done is None:  # buffered while degraded
             known = self._replica.get(node_id) is not None
             return pb.DeregisterNodeResponse(existed=known, version=self._replica.version)
@@ -348,7 +360,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         known = self._replica.get(node_id)
         if self._deg.degraded and known is None:
             raise NotFound(f"node {node_id!r} is not registered (as far as this sidecar knows)")
-        done = await self._deg.write("drain", (node_id,), lambda: self._gateway.drain(node_id))
+        done = await self._deg.write(Drain(node_id))
         if done is None:  # buffered while degraded
             if known is None:
                 raise NotFound(f"node {node_id!r} is not registered")
@@ -370,6 +382,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             "lease_ms", request.lease_ms, s.default_lease_ms, 1, s.max_lease_ms
         )
         try:
+            await self._deg.ordered((f"node:{node_id}", f"job:{job_id}"))
             res = await self._deg.slots("ReserveSlot").reserve(node_id, job_id, lease)
         except RegistryError as exc:
             self._count_failed_reservation("ReserveSlot", exc)
@@ -388,9 +401,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     ) -> pb.ReleaseSlotResponse:
         node_id = validation.check_id("node_id", request.node_id)
         job_id = validation.check_id("job_id", request.job_id)
-        rel = await self._deg.write(
-            "release", (node_id, job_id), lambda: self._gateway.release(node_id, job_id)
-        )
+        rel = await self._deg.write(ReleaseSlot(node_id, job_id))
         if rel is None:  # buffered while degraded: accepted, applied on recovery
             self._deg.local.release(node_id, job_id)
             known = self._replica.get(node_id)
@@ -572,6 +583,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         self._require_ready()
         try:
+            await self._deg.ordered((f"job:{job_id}",))
             done = await schedule(
                 self._deg.slots("Schedule"),
                 self._replica,
@@ -619,7 +631,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         if not request.HasField("pool"):
             raise InvalidArgument("pool", "is required")
         pool = validation.check_pool(convert.pool_from_pb(request.pool))
-        done = await self._deg.write("put_pool", (pool,), lambda: self._gateway.put_pool(pool))
+        done = await self._deg.write(PutPool(pool))
         if done is None:  # buffered while degraded
             return pb.PutPoolResponse(pool=convert.pool_to_pb(pool))
         stored, _ = done
@@ -729,10 +741,11 @@ def _pending_node(spec: NodeSpec, ttl_ms: int, known: Node | None) -> Node:
 
 
 def _heartbeat_response(
-    seq: int, result: HeartbeatResult, default_interval: int
+    seq: int, result: HeartbeatResult, default_interval: int, stretch: float
 ) -> pb.HeartbeatResponse:
-    """The suggested interval is a third of the node's own TTL, so two may be lost."""
-    interval = result.ttl_ms // 3 if result.ttl_ms else default_interval
+    """The suggested interval is a third of the node's own TTL, so two may be lost, times
+    the backpressure stretch (registry/backpressure.py)."""
+    interval = int((result.ttl_ms // 3 if result.ttl_ms else default_interval) * stretch)
     if result.outcome is HeartbeatOutcome.BUFFERED:
         return pb.HeartbeatResponse(
             seq=seq,

@@ -77,7 +77,7 @@ class Tiers:
         """Lookups by how they were answered (metrics read these)."""
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="revalidator")
+        self._task = asyncio.create_task(self.run(), name="revalidator")
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -145,7 +145,7 @@ class Tiers:
 
     # --- background revalidation -----------------------------------------------------
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self._tick)
             if self._paused():

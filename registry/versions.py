@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from registry import dataset
 from registry.cache import Replica
 from registry.changefeed import ChangeFeed
 from registry.errors import Unavailable
@@ -67,7 +68,7 @@ class VersionChecker:
         return int((time.monotonic() - self._behind_since) * 1000)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="version-checker")
+        self._task = asyncio.create_task(self.run(), name="version-checker")
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -75,7 +76,7 @@ class VersionChecker:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             if self._paused():
@@ -100,12 +101,10 @@ class VersionChecker:
             self.timeouts += 1
             return
         self.redis_version = version
-        if version < had or epoch != self._gateway.epoch:
+        why = dataset.loss(version=version, had=had, epoch=epoch, known_epoch=self._gateway.epoch)
+        if why is not None:
             self._behind_since = None
-            self._lost(
-                f"Redis lost the registry: version {version} (replica at {had}), "
-                f"epoch {epoch} (was {self._gateway.epoch})"
-            )
+            self._lost(why)
             return
         lag = version - replica.version
         self.lag_versions = max(lag, 0)

@@ -53,8 +53,10 @@ def namespace() -> str:
 # Keep them below this line so the Redis fixtures above stay independent of them.
 # =============================================================================
 
+import tempfile  # noqa: E402
 from collections.abc import AsyncIterator, Awaitable, Callable  # noqa: E402
 from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
@@ -92,6 +94,7 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
         metric_readers: Any = (),
         **overrides: Any,
     ) -> Sidecar:
+        overrides.setdefault("data_dir", Path(tempfile.mkdtemp(prefix="registry-test-")))
         settings = replace(TEST_SETTINGS, redis_url=redis_url, namespace=namespace, **overrides)
         sidecar = Sidecar(settings, span_exporter=span_exporter, metric_readers=metric_readers)
         started.append(sidecar)

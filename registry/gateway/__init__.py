@@ -202,11 +202,13 @@ class _Op:
         self._start = time.perf_counter()
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        elapsed = time.perf_counter() - self._start
+        end = time.perf_counter()
+        elapsed = end - self._start
         gw = self._gw
         if gw.recorder is not None and (exc is None or isinstance(exc, (RedisError, OSError))):
             gw.recorder(self._name, elapsed, exc)
         if exc is None:
+            gw.last_answer = time.monotonic()
             if self._hot:
                 gw._observe(None)
                 gw.latency.add(elapsed)
@@ -266,12 +268,20 @@ class Gateway:
             tuple[HeartbeatIn, asyncio.Future[HeartbeatResult], trace.Span | None]
         ] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._in_flight: list[asyncio.Future[HeartbeatResult]] = []
+        """Futures of the heartbeat batch at Redis now (``abandon_heartbeats``)."""
+        self.stretch = 1.0
+        """Heartbeat interval multiplier the sidecar currently tells nodes (backpressure):
+        deadlines and the expected interval stretch by it (see heartbeat.lua)."""
+        self.last_answer = time.monotonic()
+        """When Redis last answered any call of this sidecar: evidence of life for the
+        failure detector (a busy Redis answers late, a frozen one not at all)."""
         self.latency = LatencyWindow()
         self.recorder: Recorder | None = None
         """Told every timed operation (the metrics' Redis latency histogram)."""
         self.tracer: trace.Tracer | None = None
         """Set when tracing is on: each heartbeat batch gets a span."""
-        self.log = LogReader(self.bulk, self.keys, None, owned=False)
+        self.log = LogReader(self.bulk, self.keys, None, owned=False, gateway=self)
         """Non-blocking reads of the change log on the shared pool (catch-up, resume)."""
 
     async def __aenter__(self) -> Gateway:
@@ -298,19 +308,16 @@ class Gateway:
             retries=0,
             connect_timeout=self._timeout,
         )
-        return LogReader(client, self.keys, block_ms)
+        return LogReader(client, self.keys, block_ms, gateway=self)
 
-    def watchdog_ping(self, timeout_s: float) -> Callable[[], Callable[[], None]]:
-        """A factory, for the watchdog thread, of a blocking PING with its own socket
-        timeout on a connection of its own (a sync client: it runs outside the loop)."""
+    def probe(self, timeout_s: float) -> Callable[[], Probe]:
+        """A factory, for the failure detector's thread, of a connection of its own that
+        it drives by hand (a sync client: it runs outside the loop). ``timeout_s``
+        bounds connecting and reading an answer already there, not the wait for it."""
 
-        def make() -> Callable[[], None]:
-            client = connect_sync(self.url, timeout_s, f"{self.client_name}:watchdog")
-
-            def ping() -> None:
-                client.ping()
-
-            return ping
+        def make() -> Probe:
+            client = connect_sync(self.url, timeout_s, f"{self.client_name}:detector")
+            return Probe(client)
 
         return make
 
@@ -402,11 +409,33 @@ class Gateway:
     async def heartbeat(self, hb: HeartbeatIn) -> HeartbeatResult:
         return await self.submit_heartbeat(hb)
 
+    def abandon_heartbeats(self, exc: Exception) -> None:
+        """Redis is down: every heartbeat waiting for it fails now with ``exc`` (its
+        stream buffers it) instead of waiting out the deadline; the batch at Redis is
+        cancelled (it may still have been applied: replaying it is harmless)."""
+        for fut in self._in_flight:
+            if not fut.done():
+                fut.set_exception(exc)
+        for _, fut, _ in self._pending:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        self._in_flight = []
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        self._flusher = None
+
+    @property
+    def heartbeats_queued(self) -> int:
+        """Heartbeats waiting for a batch (the ingest queue)."""
+        return len(self._pending)
+
     async def _flush_heartbeats(self) -> None:
         while self._pending:
             batch = self._pending[: self._batch_max]
             del self._pending[: self._batch_max]
             beats = [hb for hb, _, _ in batch]
+            self._in_flight = [fut for _, fut, _ in batch]
             try:
                 if self.tracer is None:
                     results = await self._heartbeat_batch(beats)
@@ -431,7 +460,8 @@ class Gateway:
         k = self.keys
         keys = [k.version, k.log, k.expiry, k.leases, k.jobnode]
         args: list[Any] = [
-            self._maxlen, self._eps, *self._weights, self._grace, k.prefix, self._adopt_lease
+            self._maxlen, self._eps, *self._weights, self._grace, k.prefix, self._adopt_lease,
+            self.stretch,
         ]  # fmt: skip
         for hb in beats:
             m = hb.metrics
@@ -641,12 +671,19 @@ class LogReader:
     """Tails the change log: entries after a version, blocking while there are none."""
 
     def __init__(
-        self, client: aioredis.Redis, keys: Keys, block_ms: int | None, *, owned: bool = True
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        block_ms: int | None,
+        *,
+        owned: bool = True,
+        gateway: Gateway | None = None,
     ) -> None:
         self._client = client
         self._keys = keys
         self._block_ms = block_ms
         self._owned = owned
+        self._gateway = gateway
 
     async def aclose(self) -> None:
         if self._owned:
@@ -664,6 +701,8 @@ class LogReader:
             reply = await self._client.xread(
                 {self._keys.log: f"{after}-0"}, count=count, block=self._block_ms
             )
+            if self._gateway is not None:
+                self._gateway.last_answer = time.monotonic()
             changes: list[Change] = []
             known = previous or {}
             for _stream, entries in reply or ():
@@ -678,6 +717,34 @@ class LogReader:
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis unavailable while reading the change log: {exc}") from exc
         return LogRead(changes=changes, first_version=first)
+
+
+class Probe:
+    """One connection the failure detector drives by hand: send a PING, poll the socket
+    for the answer with its own timing, read it. A closed, reset or refused connection
+    raises (redis-py's ``ConnectionError``), which is the point."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._conn: Any = None
+
+    def send(self) -> None:
+        if self._conn is None:
+            self._conn = self._client.connection_pool.get_connection()
+        self._conn.send_command("PING", check_health=False)
+
+    def ready(self, timeout: float) -> bool:
+        ready: bool = self._conn.can_read(timeout=timeout)
+        return ready
+
+    def read(self) -> None:
+        self._conn.read_response()
+
+    def reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self._client.connection_pool.release(conn)
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:

@@ -197,7 +197,7 @@ async def rig(
     sidecar_factory: SidecarFactory, url: str, namespace: str, **settings: object
 ) -> AsyncIterator[Rig]:
     options = {
-        "hot_timeout_ms": 25,
+        "watchdog_timeout_ms": 30,  # the production floor of the failure detector
         "min_ttl_ms": 500,
         "reconcile_grace_ms": 60_000,
         "self_preservation_pause_ms": 1_000,
@@ -217,7 +217,7 @@ async def rig(
 
 async def settle(r: Rig, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while any(sc.degradation.degraded for sc in r.sidecars):
+    while not all(sc.degradation.settled for sc in r.sidecars):
         assert time.monotonic() < deadline, "did not return to NORMAL"
         await asyncio.sleep(0.01)
 
@@ -280,8 +280,6 @@ async def check_heartbeats(r: Rig, client: object, namespace: str) -> None:
     """Every acknowledged heartbeat's effect is present once writes settle: each node is
     ONLINE and carries the metrics of its last acknowledged heartbeat (or a later one)."""
     await r.close()
-    for sc in r.sidecars:
-        await sc.degradation.settled()
     await settle(r)
     await asyncio.sleep(0.3)
     for node_id, cpu in r.f.last_metrics.items():
@@ -491,22 +489,32 @@ async def test_slow_redis_and_lost_replies(
     url = f"redis://127.0.0.1:{proxy.port}/0"
     try:
         async with rig(sidecar_factory, url, namespace) as r:
-            results = {}
+
+            def outages() -> int:
+                return sum(sc.degradation.outages for sc in r.sidecars)
+
+            steps, later = {}, {}
             for delay_ms in (5, 50, 200):
-                before = sum(sc.degradation.outages for sc in r.sidecars)
+                before = outages()
                 proxy.delay = delay_ms / 1000
+                await asyncio.sleep(delay_ms / 1000 + 0.3)
+                stepped = outages()
                 await asyncio.sleep(1.0)
-                results[delay_ms] = sum(sc.degradation.outages for sc in r.sidecars) > before
+                steps[delay_ms], later[delay_ms] = stepped - before, outages() - stepped
                 proxy.delay = 0
                 await settle(r)
             print(
-                f"\n[latency] degraded at +5 ms: {results[5]}, +50 ms: {results[50]}, "
-                f"+200 ms: {results[200]} (hot timeout 25 ms)"
+                f"\n[latency] outages when the latency stepped up by +5 / +50 / +200 ms: "
+                f"{steps[5]} / {steps[50]} / {steps[200]}; in the second after: "
+                f"{later[5]} / {later[50]} / {later[200]} (detector floor 30 ms)"
             )
-            # Past the 25 ms watchdog threshold Redis is degraded, always. At +5 ms it stays
-            # NORMAL in most runs, but this process also runs both sidecars and 54 load tasks on
-            # a 2-core machine, so a congested moment can trip it: reported, not asserted.
-            assert results[50] and results[200]
+            # A slow Redis is not down. A sudden step past the threshold looks like a
+            # freeze for as long as the step (nothing answers meanwhile), so each sidecar
+            # may trip once; then the threshold has learned the late answer and a Redis
+            # that keeps answering slowly never trips it again.
+            assert steps[5] == 0
+            assert steps[50] <= 2 and steps[200] <= 2
+            assert later == {5: 0, 50: 0, 200: 0}
             # Replies lost while commands still reach Redis: the writes were applied, the
             # sidecar cannot know, degrades, buffers, and replays them; idempotent scripts
             # keep the replay from applying anything twice.

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -74,11 +75,17 @@ class SidecarProcess:
 
 
 @pytest.fixture
-def make_settings(redis_url: str, namespace: str) -> Callable[[str], Settings]:
+def make_settings(redis_url: str, namespace: str, tmp_path: Path) -> Callable[[str], Settings]:
+    data_dir = tmp_path / "data"
+
     def make(listen: str = "127.0.0.1:0") -> Settings:
         # A short grace keeps restarts quick: open streams would otherwise hold stop() 5 s.
         return Settings(
-            listen=listen, redis_url=redis_url, namespace=namespace, shutdown_grace_s=0.5
+            listen=listen,
+            redis_url=redis_url,
+            namespace=namespace,
+            shutdown_grace_s=0.5,
+            data_dir=data_dir,
         )
 
     return make

@@ -210,7 +210,8 @@ async def test_checker_catches_up_when_the_feed_stalls(
 ) -> None:
     writer = await sidecar_factory(shared_redis.url, namespace)
     reader = await sidecar_factory(shared_redis.url, namespace)
-    await reader.feed.aclose()  # a feed stuck in a read that never returns
+    assert reader.supervisor is not None
+    await reader.supervisor.stop("changefeed")  # a feed stuck in a read that never returns
     async with (
         grpc.aio.insecure_channel(writer.address) as wc,
         grpc.aio.insecure_channel(reader.address) as rc,
@@ -250,7 +251,7 @@ async def test_a_frozen_redis_degrades_without_blocking_reads(
             assert again.freshness.staleness_ms >= 300, "staleness grows while Redis is away"
         finally:
             redis_proc.resume()
-        await eventually(lambda: not sc.degradation.degraded, timeout=5)
+        await eventually(lambda: sc.degradation.settled, timeout=5)
         await eventually(lambda: sc.replica.staleness_ms() < 300, timeout=5)
 
 
@@ -419,7 +420,7 @@ async def test_a_repair_never_moves_the_replica_back_when_redis_lost_data(
             await sc.feed.repair()
         assert sc.replica.version == before and len(sc.replica) == 3
         await eventually(lambda: sc.degradation.rebuilds == 1, timeout=10)
-        await eventually(lambda: not sc.degradation.degraded, timeout=10)
+        await eventually(lambda: sc.degradation.settled, timeout=10)
         assert sc.replica.version >= before
         assert redis_proc.client().exists(f"{{{namespace}}}:node:n0")  # streamed: rebuilt
         watch.cancel()

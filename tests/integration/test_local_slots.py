@@ -39,7 +39,7 @@ async def degraded(*sidecars: Sidecar) -> None:
 
 
 async def recovered(*sidecars: Sidecar) -> None:
-    await eventually(lambda: not any(sc.degradation.degraded for sc in sidecars), timeout=10)
+    await eventually(lambda: all(sc.degradation.settled for sc in sidecars), timeout=10)
 
 
 async def test_slots_granted_locally_reach_redis_on_recovery(

@@ -477,7 +477,7 @@ async def test_writes_to_a_frozen_redis_are_buffered_then_replayed(
             assert got.node.node_id == "n1" and got.freshness.degraded
         finally:
             redis_proc.resume()
-        await eventually(lambda: not sc.degradation.degraded, timeout=5)
+        await eventually(lambda: sc.degradation.settled, timeout=5)
         assert redis_proc.client().hget(f"{{{namespace}}}:node:n1", "status") == b"DRAINING"
         await eventually(
             lambda: (n := sc.replica.get("n1")) is not None and n.status.value == "DRAINING"
@@ -528,7 +528,7 @@ async def test_a_full_write_buffer_refuses_instead_of_dropping(
             assert "buffer is full" in (err.value.details() or "")
         finally:
             redis_proc.resume()
-        await eventually(lambda: not sc.degradation.degraded, timeout=5)
+        await eventually(lambda: sc.degradation.settled, timeout=5)
         client = redis_proc.client()
         statuses = [client.hget(f"{{{namespace}}}:node:{n}", "status") for n in "abc"]
         assert statuses == [b"DRAINING", b"DRAINING", b"ONLINE"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -136,3 +138,12 @@ def test_every_setting_is_documented_in_the_readme() -> None:
         if f"| `--{f.name.replace('_', '-')}` | `REGISTRY_{f.name.upper()}` |" not in readme
     ]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_the_readme_table_is_the_generated_one() -> None:
+    """Defaults and meanings come from Settings; ``python tools/config_table.py`` writes them."""
+    script = Path(__file__).resolve().parents[2] / "tools" / "config_table.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -3,7 +3,9 @@
 -- KEYS: 1 version, 2 log, 3 expiry zset, 4 leases zset, 5 job-node hash
 -- ARGV: 1 log maxlen, 2 metrics epsilon, 3-8 health weights (cpu, gpu, mem, load,
 --       heartbeat delay, error rate), 9 reconciliation grace ms, 10 key prefix ("{ns}:"),
---       11 lease ms of an adopted job, then one packed string per heartbeat: "node_id|cpu|gpu|mem|load|error_rate|jobs"
+--       11 lease ms of an adopted job, 12 stretch (>= 1: the sidecar, saturated, asked
+--       nodes to beat that many times less often, so the deadline and the expected
+--       interval stretch by it), then one packed string per heartbeat: "node_id|cpu|gpu|mem|load|error_rate|jobs"
 --       with jobs "-" when the node reports none, else "+" then comma-separated job ids.
 --       (One argument per heartbeat keeps the client's encoding cost per batch low; ids
 --       cannot contain "|" or ",".) Node and jobs keys are built from the prefix: they
@@ -12,7 +14,7 @@
 --          {released job ids}} per heartbeat; outcome 1 = recorded, 0 = unknown node,
 --          2 = node is OFFLINE (it must register again).
 --
--- Heartbeat delay: how late this heartbeat came against the interval (ttl / 3),
+-- Heartbeat delay: how late this heartbeat came against the interval (stretch * ttl / 3),
 -- as a fraction of the interval, capped at 1. Health: 1 minus the weighted mean of
 -- cpu, gpu, mem, load, delay and error rate (the formula of registry/health.py).
 -- Only a material change is logged: a metric (delay included) moving by at least
@@ -36,6 +38,7 @@ local wsum = w[1] + w[2] + w[3] + w[4] + w[5] + w[6]
 local grace = tonumber(ARGV[9])
 local prefix = ARGV[10]
 local adopt_lease = tonumber(ARGV[11])
+local stretch = tonumber(ARGV[12])
 local now = now_ms()
 local names = {'cpu', 'gpu', 'mem', 'load', 'delay', 'err'}
 local out = {}
@@ -83,7 +86,7 @@ local function reconcile(node_id, jobs_key, report, adopt, capacity)
   return released, adopted
 end
 
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   local node_id, cpu, gpu, mem, load, err, report = string.match(ARGV[i],
     '^([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|(.*)$')
   local node_key, jobs_key = prefix .. 'node:' .. node_id, prefix .. 'jobs:' .. node_id
@@ -95,13 +98,13 @@ for i = 12, #ARGV do
     out[#out + 1] = {2, tonumber(cur[3]), 'OFFLINE', 0, 0, tonumber(cur[2]), {}}
   else
     local ttl = tonumber(cur[2])
-    local interval = ttl / 3
+    local interval = stretch * ttl / 3
     local late = now - tonumber(cur[4]) - interval
     local delay = 0
     if late > 0 then delay = math.min(math.floor(late / interval * 1000 + 0.5) / 1000, 1) end
     local m = {tonumber(cpu), tonumber(gpu), tonumber(mem), tonumber(load), delay,
       tonumber(err)}
-    local deadline = now + ttl
+    local deadline = now + math.floor(stretch * ttl)
     redis.call('ZADD', expiry_key, deadline, node_id)
     local material = false
     for j = 1, 6 do

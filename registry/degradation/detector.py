@@ -1,0 +1,227 @@
+"""The failure detector: tells a Redis that is down from one that is busy.
+
+A thread of its own PINGs Redis every ``interval`` on a connection of its own and polls
+the socket while the answer is outstanding. Two signals make Redis "down":
+
+- **A definitive error**: the connection is refused, reset or closed (kill -9, a
+  restart, a network that rejects). Reported at once: nothing busy looks like this.
+- **Silence**: the outstanding PING is older than the suspicion threshold *and* nothing
+  at all came back from Redis in that time, on any connection of the sidecar (the
+  gateway tells when its calls last got an answer). A frozen Redis (SIGSTOP, a script
+  that never ends) sends nothing; a busy one keeps answering, late.
+
+The threshold adapts to what Redis's answers have looked like lately, the way a
+phi-accrual detector (Cassandra, Akka) does: the PING round trips of the last few seconds
+give a mean and a standard deviation, and a PING is suspect once it is ``z`` deviations
+past the mean (z = 5.6 is phi = 8 for a normal distribution). On a quiet machine round
+trips are a fraction of a millisecond, so the floor decides (a frozen Redis is found
+within the floor plus one poll); on a saturated machine round trips spread and the
+threshold grows with them, up to the ceiling. A round trip that took longer than the
+threshold in force, while nothing else answered either, is not learned as load (an
+outage would make the threshold useless); but when that answer came back within the
+ceiling, Redis was slow rather than gone, so for the next ``late_memory_s`` the threshold
+is at least twice that round trip: a Redis slowed down for good (a slow link, a loaded
+host) trips the sidecar once, not at every PING.
+
+Why a thread: a timer on the event loop measures the loop's queue as well as Redis, and
+a loaded loop made healthy 6 ms answers look like 25 ms timeouts. The thread waits on
+the socket with the GIL released.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.002
+"""How often an outstanding PING's age is checked against the threshold."""
+
+
+class Probe(Protocol):
+    """One connection to Redis that the detector drives by hand (see Gateway.probe)."""
+
+    def send(self) -> None:
+        """Send a PING; connects first when needed (may raise)."""
+
+    def ready(self, timeout: float) -> bool:
+        """True once the answer can be read; raises when the connection is closed."""
+
+    def read(self) -> None:
+        """Read the answer (raises on an error reply or a closed connection)."""
+
+    def reset(self) -> None:
+        """Drop the connection; the next ``send`` opens a new one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    floor_s: float = 0.03
+    """Silence shorter than this is never an outage (decides on a quiet machine)."""
+    ceiling_s: float = 1.0
+    """Silence this long is always an outage, however noisy the recent past was."""
+    z: float = 5.6
+    """Deviations past the mean round trip before a PING is suspect (phi ~ 8)."""
+    min_std_s: float = 0.002
+    """Lower bound of the deviation, so a very steady past does not make a hair trigger."""
+    window: int = 1000
+    """Round trips remembered (about ten seconds at the default interval)."""
+    late_memory_s: float = 10.0
+    """How long a late answer (one that came after a trip) keeps the threshold up."""
+
+
+class RoundTrips:
+    """Recent PING round trips and the suspicion threshold they imply."""
+
+    def __init__(self, t: Thresholds) -> None:
+        self._t = t
+        self._samples: deque[float] = deque(maxlen=t.window)
+        self._sum = 0.0
+        self._sq = 0.0
+        self._base = t.floor_s
+        self._late_s = 0.0
+        self._late_until = 0.0
+
+    @property
+    def threshold_s(self) -> float:
+        if self._late_s and time.monotonic() < self._late_until:
+            return max(self._base, self._late_s)
+        return self._base
+
+    def late(self, rtt: float) -> None:
+        """An answer that came after the detector had called Redis down."""
+        if rtt >= self._t.ceiling_s:
+            return
+        now = time.monotonic()
+        current = self._late_s if now < self._late_until else 0.0
+        self._late_s = min(max(current, 2 * rtt), self._t.ceiling_s)
+        self._late_until = now + self._t.late_memory_s
+
+    def add(self, rtt: float) -> None:
+        if len(self._samples) == self._samples.maxlen:
+            old = self._samples[0]
+            self._sum -= old
+            self._sq -= old * old
+        self._samples.append(rtt)
+        self._sum += rtt
+        self._sq += rtt * rtt
+        n = len(self._samples)
+        mean = self._sum / n
+        std = math.sqrt(max(self._sq / n - mean * mean, 0.0))
+        t = self._t
+        suspect = mean + t.z * max(std, t.min_std_s)
+        self._base = min(max(suspect, t.floor_s), t.ceiling_s)
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self._samples)
+        if not ordered:
+            return 0.0
+        return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+class Detector:
+    """Runs the probe loop in a thread; calls ``on_down(why)`` from that thread.
+
+    ``heard`` returns the monotonic time at which the sidecar last got any answer from
+    Redis (its other connections): evidence of life that vetoes a trip for silence.
+    """
+
+    def __init__(
+        self,
+        probe: Callable[[], Probe],
+        *,
+        interval_s: float,
+        thresholds: Thresholds,
+        on_down: Callable[[str], object],
+        heard: Callable[[], float],
+    ) -> None:
+        self._make_probe = probe
+        self._interval = interval_s
+        self.trips = RoundTrips(thresholds)
+        self._on_down = on_down
+        self._heard = heard
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-detector", daemon=True)
+        self.checks = 0
+        self.outstanding_since: float | None = None
+        """When the PING in flight was sent (None: none in flight). Read by ``suspect``."""
+        self.last_answer = time.monotonic()
+        self.silences = 0
+        """Trips for silence (a frozen Redis)."""
+        self.errors = 0
+        """Trips for a refused, reset or closed connection."""
+        self.vetoed = 0
+        """PINGs past the threshold while other connections were still answered (busy)."""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    @property
+    def threshold_s(self) -> float:
+        return self.trips.threshold_s
+
+    def suspect(self) -> bool:
+        """The PING in flight is past the threshold: reads may say they are not fresh."""
+        since = self.outstanding_since
+        return since is not None and time.monotonic() - since > self.trips.threshold_s
+
+    def _run(self) -> None:
+        probe = self._make_probe()
+        failing = False
+        while not self._stop.is_set():
+            self.checks += 1
+            try:
+                self._ping(probe)
+            except Exception as exc:  # refused, reset, closed: definitive
+                probe.reset()
+                self.outstanding_since = None
+                if not failing:
+                    self.errors += 1
+                    self._on_down(f"Redis connection failed: {type(exc).__name__}: {exc}")
+                failing = True
+            else:
+                failing = False
+            self._stop.wait(self._interval)
+
+    def _ping(self, probe: Probe) -> None:
+        sent = time.monotonic()
+        self.outstanding_since = sent
+        probe.send()
+        tripped = vetoed = False
+        while not probe.ready(POLL_S):
+            if self._stop.is_set():
+                return
+            now = time.monotonic()
+            threshold = self.trips.threshold_s
+            if tripped or now - sent <= threshold:
+                continue
+            if now - max(self._heard(), self.last_answer) <= threshold:
+                if not vetoed:
+                    vetoed = True
+                    self.vetoed += 1
+                continue
+            tripped = True
+            self.silences += 1
+            self._on_down(
+                f"Redis silent for {1000 * (now - sent):.0f} ms (threshold "
+                f"{1000 * threshold:.0f} ms; nothing answered on any connection)"
+            )
+        probe.read()
+        now = time.monotonic()
+        self.outstanding_since = None
+        self.last_answer = now
+        if tripped:  # an outage's round trip says nothing about load
+            self.trips.late(now - sent)
+        else:
+            self.trips.add(now - sent)
