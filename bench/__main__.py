@@ -1,5 +1,6 @@
 """``python -m bench [PHASE] [--quick] [--json PATH]`` (or ``make bench``); PHASE is one of
-heartbeat, select, schedule, propagation, telemetry, etcd, all (the default)."""
+heartbeat, select, schedule, propagation, telemetry, etcd, all (the default), or fleet
+(a 10,000-node fleet on two sidecars; not part of ``all``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from typing import Any
 
 from bench import etcd as etcd_bench
+from bench import fleet as fleet_bench
 from bench import harness
 from bench import heartbeat as hb
 from bench import propagation as prop
@@ -20,7 +22,9 @@ from bench import schedule as sched
 from bench import select as sel
 from bench import telemetry as tel
 
-PHASES = ["heartbeat", "select", "schedule", "propagation", "telemetry", "etcd", "all"]
+PHASES = [
+    "heartbeat", "select", "schedule", "propagation", "telemetry", "etcd", "all", "fleet",
+]  # fmt: skip
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,13 +37,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, help="heartbeats in flight per stream (default 8)")
     p.add_argument("--channels", type=int, help="client connections for the streams (8)")
     p.add_argument("--material", type=float, help="fraction of material heartbeats (0.05)")
-    p.add_argument("--nodes", type=int, help="fleet size for select and schedule (10000)")
+    p.add_argument("--nodes", type=int, help="fleet size for select, schedule and fleet (10000)")
     p.add_argument("--changes", type=int, help="changes per propagation run (default 1000)")
     p.add_argument(
         "--skip-etcd", action="store_true", help="leave the etcd comparison out of `all`"
     )
     p.add_argument(
         "--repeat", type=int, help="repetitions per phase, echo and sidecar alternating (3)"
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="N,N,...",
+        help="fleet: run these fleet sizes in turn and report the largest that met every target",
     )
     p.add_argument(
         "--profile",
@@ -82,6 +91,23 @@ def plans(args: argparse.Namespace) -> tuple[hb.Plan, sel.Plan, sched.Plan, prop
         cp = dataclasses.replace(cp, repeat=args.repeat)
         pp = dataclasses.replace(pp, repeat=args.repeat)
     return hp, sp, cp, pp
+
+
+def fleet_plan(args: argparse.Namespace) -> fleet_bench.Plan:
+    fp = fleet_bench.Plan()
+    if args.quick:
+        fp = dataclasses.replace(fp, nodes=500, warmup_s=3.5, duration_s=4.0)
+    if args.duration is not None:
+        # The warm-up stays: it must cover the first interval, over which streams start.
+        fp = dataclasses.replace(fp, duration_s=args.duration)
+    if args.nodes:
+        fp = dataclasses.replace(fp, nodes=args.nodes)
+    if args.material is not None:
+        fp = dataclasses.replace(fp, material=args.material)
+    if args.sweep:
+        sizes = tuple(int(v.replace("_", "")) for v in args.sweep.split(",") if v.strip())
+        fp = dataclasses.replace(fp, sweep=tuple(sorted(set(sizes))))
+    return fp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "etcd" or (args.which == "all" and not args.skip_etcd):
         out["etcd"] = etcd_bench.run(hp, pp)
         print(etcd_bench.report(out["etcd"]), flush=True)
+    if args.which == "fleet":
+        out["fleet"] = fleet_bench.run(fleet_plan(args))
+        print(fleet_bench.report(out["fleet"]), flush=True)
     out["elapsed_s"] = round(time.monotonic() - started, 1)
     print(f"done in {out['elapsed_s']} s")
     if args.json:

@@ -33,8 +33,8 @@ class Limits:
     """Heartbeats waiting for a batch at which the interval starts to stretch."""
     queue_max: int = 8192
     """Heartbeats waiting for a batch at which streams stop being read."""
-    lag_soft_s: float = 0.05
-    """Event-loop lag at which the interval starts to stretch."""
+    lag_soft_s: float = 0.02
+    """Median event-loop lag over the last second at which the interval starts to stretch."""
     max_factor: float = 4.0
     """The most the interval is ever stretched."""
     hold_s: float = 10.0

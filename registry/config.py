@@ -78,7 +78,7 @@ class Settings:
     then is buffered (acknowledged, replayed). Not a failure signal: a busy Redis answers
     late and is not down; the failure detector decides that. No retries on the hot path
     but one on a reset connection."""
-    watchdog_timeout_ms: int = 30
+    watchdog_timeout_ms: int = 40
     """Floor of the failure detector's silence threshold: Redis silent on every connection
     for less than this is never down. On a quiet machine this decides how fast a frozen
     Redis is found; under load the threshold grows with the PING round trips' spread."""
@@ -109,15 +109,17 @@ class Settings:
     """Longest wait between recovery probes (exponential backoff with jitter up to it)."""
     feed_block_ms: int = 250
     """Block time of the change feed's stream reads; bounds staleness while idle."""
-    heartbeat_batch_max: int = 512
-    """Most heartbeats sent to Redis in one script call."""
+    heartbeat_batch_max: int = 256
+    """Most heartbeats sent to Redis in one script call (each costs Redis 20-30 us: a
+    batch holds Redis for up to 8 ms, so other clients are not kept waiting)."""
     heartbeat_queue_soft: int = 1_024
     """Heartbeats waiting for a batch at which acks start asking nodes to beat less often
     (backpressure; see docs/reliability.md)."""
     heartbeat_queue_max: int = 8_192
     """Heartbeats waiting for a batch at which streams stop being read until there is room."""
-    heartbeat_lag_soft_ms: int = 50
-    """Event-loop lag at which acks start asking nodes to beat less often."""
+    heartbeat_lag_soft_ms: int = 20
+    """Median event-loop lag (over the last second) at which acks start asking nodes to beat
+    less often."""
     heartbeat_max_stretch: float = 4.0
     """The most the suggested heartbeat interval (and the deadline with it) is stretched."""
     heartbeat_stretch_hold_ms: int = 10_000

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from registry.cache import Replica
     from registry.degradation import Degradation
     from registry.gateway import Gateway
+    from registry.heap import Heap
     from registry.servicer import RegistryServicer
     from registry.supervisor import Supervisor
     from registry.tiers import Tiers
@@ -127,6 +128,7 @@ class Parts:
     servicer: RegistryServicer
     backpressure: Backpressure
     supervisor: Supervisor
+    heap: Heap
 
 
 class Metrics:
@@ -625,6 +627,13 @@ def _observe(meter: Meter, p: Parts) -> None:
         one(lambda: deg.detector.threshold_s if deg.detector else 0.0),
     )
 
+    gauge(
+        "registry.gc.pause",
+        "s",
+        "Longest full garbage collection of the last minute (the loop and the failure "
+        "detector's thread stand still meanwhile).",
+        one(lambda: p.heap.longest_pause()),
+    )
     gauge(
         "registry.event_loop.lag",
         "s",

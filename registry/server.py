@@ -28,6 +28,7 @@ from registry.degradation import Degradation, Journal, Thresholds
 from registry.embedded_redis import EmbeddedRedis
 from registry.errors import Unavailable
 from registry.gateway import Gateway
+from registry.heap import Heap
 from registry.metrics import Metrics, Parts
 from registry.servicer import RegistryServicer
 from registry.supervisor import Supervisor
@@ -70,6 +71,7 @@ class Sidecar:
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self.supervisor: Supervisor | None = None
+        self.heap = Heap()
         self._serving = False
         self._journal: Journal | None = None
         self.replica = Replica(
@@ -200,7 +202,7 @@ class Sidecar:
                 hold_s=s.heartbeat_stretch_hold_ms / 1000,
             ),
             queued=lambda: gateway.heartbeats_queued,
-            loop_lag=lambda: max(itertools.islice(reversed(degradation.loop_lags), 20), default=0),
+            loop_lag=lambda: _median(itertools.islice(reversed(degradation.loop_lags), 200)),
             stretch=lambda factor: setattr(gateway, "stretch", factor),
         )
         self.servicer = RegistryServicer(
@@ -238,6 +240,7 @@ class Sidecar:
                 self.servicer,
                 self.backpressure,
                 self._supervisor,
+                self.heap,
             )
         )
         # Tracing first, so the RPC timer's measurement happens inside the RPC's span.
@@ -253,9 +256,12 @@ class Sidecar:
             ),
             server,
         )
-        self.port = server.add_insecure_port(s.listen)
+        try:
+            self.port = server.add_insecure_port(s.listen)
+        except RuntimeError as exc:  # grpcio >= 1.60 raises where it returned 0
+            raise OSError(f"cannot listen on {s.listen}: {exc} (is the port in use?)") from exc
         if self.port == 0:
-            raise OSError(f"cannot listen on {s.listen}")
+            raise OSError(f"cannot listen on {s.listen} (is the port in use?)")
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
@@ -264,6 +270,7 @@ class Sidecar:
         # Not around server.start(): its tasks copy the context, and RPCs must be traced.
         with background():  # tasks copy this context: no spans from the loops
             await self._until_redis(self._feed.preload)
+            self.heap.freeze()  # the preloaded replica is long-lived
             sup = self.supervisor = self._supervisor
             sup.spawn("changefeed", self._feed.run)
             self.degradation.start(sup.spawn)
@@ -271,6 +278,7 @@ class Sidecar:
             sup.spawn("revalidator", self._tiers.run)
             sup.spawn("expiry", self._expire_loop)
             sup.spawn("backpressure", self.backpressure.run)
+            sup.spawn("heap", self.heap.run)
         self._serving = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d nodes at version %d", len(self.replica), self.replica.version)
@@ -383,6 +391,13 @@ class Sidecar:
         self._feed = None
         self._gateway = None
         self._embedded = None
+
+
+def _median(values: Iterable[float]) -> float:
+    """The event loop's typical lag over the last second: a saturated loop is late on
+    most ticks, a single pause (a collection, a large reply) moves the median not at all."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
 
 
 async def _bounded(step: str, work: Awaitable[object], timeout: float = 5.0) -> None:

@@ -13,7 +13,9 @@ the socket while the answer is outstanding. Two signals make Redis "down":
 The threshold adapts to what Redis's answers have looked like lately, the way a
 phi-accrual detector (Cassandra, Akka) does: the PING round trips of the last few seconds
 give a mean and a standard deviation, and a PING is suspect once it is ``z`` deviations
-past the mean (z = 5.6 is phi = 8 for a normal distribution). On a quiet machine round
+past the mean (z = 5.6 is phi = 8 for a normal distribution) and ``tail`` times the
+slowest of them (a loaded machine's round trips are heavy-tailed: a Redis waiting for a
+CPU now and then, which a normal fit underestimates). On a quiet machine round
 trips are a fraction of a millisecond, so the floor decides (a frozen Redis is found
 within the floor plus one poll); on a saturated machine round trips spread and the
 threshold grows with them, up to the ceiling. A round trip that took longer than the
@@ -41,8 +43,13 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.002
-"""How often an outstanding PING's age is checked against the threshold."""
+POLL_S = 0.001
+"""Shortest wait between two checks of an outstanding PING."""
+MAX_WAIT_S = 0.05
+"""Longest wait between two checks (bounds how long ``stop`` takes)."""
+STALL_S = 0.02
+"""A gap this long between two polls means this thread did not run (a GC pause of the
+process, no CPU for it): the round trip it then measures is not Redis's."""
 
 
 class Probe(Protocol):
@@ -63,12 +70,15 @@ class Probe(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    floor_s: float = 0.03
+    floor_s: float = 0.04
     """Silence shorter than this is never an outage (decides on a quiet machine)."""
     ceiling_s: float = 1.0
     """Silence this long is always an outage, however noisy the recent past was."""
     z: float = 5.6
     """Deviations past the mean round trip before a PING is suspect (phi ~ 8)."""
+    tail: float = 2.0
+    """...and at least this many times the slowest round trip of the last minute."""
+    peak_memory_s: float = 60.0
     min_std_s: float = 0.002
     """Lower bound of the deviation, so a very steady past does not make a hair trigger."""
     window: int = 1000
@@ -86,6 +96,7 @@ class RoundTrips:
         self._sum = 0.0
         self._sq = 0.0
         self._base = t.floor_s
+        self._peaks: deque[tuple[float, float]] = deque()
         self._late_s = 0.0
         self._late_until = 0.0
 
@@ -106,9 +117,9 @@ class RoundTrips:
 
     def add(self, rtt: float) -> None:
         if len(self._samples) == self._samples.maxlen:
-            old = self._samples[0]
-            self._sum -= old
-            self._sq -= old * old
+            evicted = self._samples[0]
+            self._sum -= evicted
+            self._sq -= evicted * evicted
         self._samples.append(rtt)
         self._sum += rtt
         self._sq += rtt * rtt
@@ -116,8 +127,22 @@ class RoundTrips:
         mean = self._sum / n
         std = math.sqrt(max(self._sq / n - mean * mean, 0.0))
         t = self._t
-        suspect = mean + t.z * max(std, t.min_std_s)
+        # Round trips on a loaded machine are heavy-tailed (a Redis that waits for a CPU),
+        # which a normal fit underestimates: the slowest of the last minute counts too.
+        suspect = max(mean + t.z * max(std, t.min_std_s), t.tail * self._peak(rtt))
         self._base = min(max(suspect, t.floor_s), t.ceiling_s)
+
+    def _peak(self, rtt: float) -> float:
+        """The slowest round trip of the last ``peak_memory_s`` (in buckets of a tenth)."""
+        now = time.monotonic()
+        span = self._t.peak_memory_s / 10
+        if not self._peaks or now - self._peaks[-1][0] >= span:
+            self._peaks.append((now, rtt))
+            while now - self._peaks[0][0] > self._t.peak_memory_s:
+                self._peaks.popleft()
+        elif rtt > self._peaks[-1][1]:
+            self._peaks[-1] = (self._peaks[-1][0], rtt)
+        return max(p for _, p in self._peaks)
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self._samples)
@@ -131,6 +156,8 @@ class Detector:
 
     ``heard`` returns the monotonic time at which the sidecar last got any answer from
     Redis (its other connections): evidence of life that vetoes a trip for silence.
+    ``loop_behind`` says how long ago the event loop last ran: while it is stalled, the
+    answers it has not read yet are unknown, and the verdict waits.
     """
 
     def __init__(
@@ -141,12 +168,14 @@ class Detector:
         thresholds: Thresholds,
         on_down: Callable[[str], object],
         heard: Callable[[], float],
+        loop_behind: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._make_probe = probe
         self._interval = interval_s
         self.trips = RoundTrips(thresholds)
         self._on_down = on_down
         self._heard = heard
+        self._loop_behind = loop_behind
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-detector", daemon=True)
         self.checks = 0
@@ -159,6 +188,10 @@ class Detector:
         """Trips for a refused, reset or closed connection."""
         self.vetoed = 0
         """PINGs past the threshold while other connections were still answered (busy)."""
+        self.worst_silence = 0.0
+        """Longest silence seen past the threshold (for diagnostics; reset by readers)."""
+        self.stalls = 0
+        """Round trips not learned because this thread itself did not run meanwhile."""
 
     def start(self) -> None:
         self._thread.start()
@@ -195,26 +228,46 @@ class Detector:
             self._stop.wait(self._interval)
 
     def _ping(self, probe: Probe) -> None:
-        sent = time.monotonic()
+        """One PING: wait for its answer, judging Redis each time the silence could have
+        passed the threshold (one wake-up per check, not a busy poll)."""
+        sent = last = time.monotonic()
         self.outstanding_since = sent
         probe.send()
-        tripped = vetoed = False
-        while not probe.ready(POLL_S):
+        tripped = vetoed = stalled = False
+        wait = self.trips.threshold_s
+        while not probe.ready(wait):
             if self._stop.is_set():
                 return
             now = time.monotonic()
+            stalled = stalled or now - last > wait + STALL_S
+            last = now
+            if tripped:
+                wait = MAX_WAIT_S
+                continue
             threshold = self.trips.threshold_s
-            if tripped or now - sent <= threshold:
-                continue
-            if now - max(self._heard(), self.last_answer) <= threshold:
-                if not vetoed:
-                    vetoed = True
+            heard = max(self._heard(), self.last_answer)
+            silent = now - heard
+            if silent <= threshold:
+                if now - sent > threshold and not vetoed:
+                    vetoed = True  # our PING is late, but Redis answers elsewhere: busy
                     self.vetoed += 1
+                wait = min(max(heard + threshold - now, POLL_S), MAX_WAIT_S)
                 continue
+            if probe.ready(0):
+                # The answer is there: this thread (or the whole process: a GC pause,
+                # a CPU it did not get) was late to look, Redis was not.
+                break
+            if self._loop_behind() > STALL_S:
+                # The event loop has not run lately: answers may wait unread on its
+                # connections, so its silence proves nothing yet. Judge once it ran.
+                wait = STALL_S
+                continue
+            self.worst_silence = max(self.worst_silence, silent)
             tripped = True
             self.silences += 1
+            wait = MAX_WAIT_S
             self._on_down(
-                f"Redis silent for {1000 * (now - sent):.0f} ms (threshold "
+                f"Redis silent for {1000 * silent:.0f} ms (threshold "
                 f"{1000 * threshold:.0f} ms; nothing answered on any connection)"
             )
         probe.read()
@@ -223,5 +276,7 @@ class Detector:
         self.last_answer = now
         if tripped:  # an outage's round trip says nothing about load
             self.trips.late(now - sent)
-        else:
+        elif not stalled:  # nor one this thread could not time (it did not run)
             self.trips.add(now - sent)
+        else:
+            self.stalls += 1

@@ -124,6 +124,8 @@ class Degradation:
         """Monotonic time of each recent trip (time-to-degraded figures)."""
         self.recovered_at: deque[float] = deque(maxlen=100)
         self.last_outage_ms = 0
+        self.last_tick = time.monotonic()
+        """When the loop ticker last ran (the detector reads it from its thread)."""
         self.loop_lags: deque[float] = deque(maxlen=int(1 / LOOP_TICK_S))
         """How late the loop ticker woke, over about the last second."""
         self._detected_at: float | None = None
@@ -159,6 +161,7 @@ class Degradation:
                 thresholds=self._thresholds,
                 on_down=lambda why: self._trip_from_thread(loop, why),
                 heard=lambda: self._gateway.last_answer,
+                loop_behind=lambda: time.monotonic() - self.last_tick,
             )
             self.detector.start()
 
@@ -176,12 +179,12 @@ class Degradation:
 
     async def _tick_loop(self) -> None:
         """How late a 5 ms ticker wakes is the event loop's lag (kept for the metrics)."""
-        last = time.monotonic()
+        self.last_tick = time.monotonic()
         while True:
             await asyncio.sleep(LOOP_TICK_S)
             now = time.monotonic()
-            self.loop_lags.append(max(now - last - LOOP_TICK_S, 0.0))
-            last = now
+            self.loop_lags.append(max(now - self.last_tick - LOOP_TICK_S, 0.0))
+            self.last_tick = now
 
     # --- state ------------------------------------------------------------------------
 

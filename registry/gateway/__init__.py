@@ -234,7 +234,7 @@ class Gateway:
         hot_timeout_s: float | None = None,
         log_maxlen: int = 50_000,
         metrics_epsilon: float = 0.05,
-        heartbeat_batch_max: int = 512,
+        heartbeat_batch_max: int = 256,
         weights: SelectionWeights = DEFAULT_WEIGHTS,
         reconcile_grace_ms: int = 10_000,
         adopt_lease_ms: int = 60_000,

@@ -79,3 +79,40 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
         assert tel[f"{workload}_ratio"] > 0, workload
     assert tel["scrape"]["n"] > 0 and tel["scrape"]["bytes"] > 0
     assert "etcd" not in data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_fleet_bench_runs_and_writes_json(tmp_path: Path) -> None:
+    """``python -m bench fleet --quick`` with a tiny fleet: two sidecars on one Redis, the
+    echo baseline, targets and the JSON keys docs/benchmarks.md refers to."""
+    out = tmp_path / "fleet.json"
+    argv = [
+        sys.executable, "-m", "bench", "fleet", "--quick", "--duration", "1",
+        "--nodes", "60", "--json", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Heartbeat acks in the measured window" in proc.stdout
+    assert "targets:" in proc.stdout
+
+    fleet = json.loads(out.read_text())["fleet"]
+    (run,) = fleet["runs"]
+    assert run["nodes"] == 60
+    for side in ("sidecar", "echo"):
+        hb = run[side]["heartbeat"]["total"]
+        assert hb["rate"] > 0, side
+        assert hb["latency"]["p99_ms"] > 0, side
+        assert set(hb["actions"]) == {"CONTINUE", "BUFFERED", "REGISTER"}, side
+        assert run[side]["select"]["calls_per_s"] > 0, side
+    assert len(run["sidecar"]["servers"]) == 2
+    for server in run["sidecar"]["servers"]:
+        assert server["transitions_run"] is not None
+    assert run["sidecar"]["heartbeat"]["total"]["max_interval_ms"] >= 3000
+    assert run["sidecar"]["rss_mb"]["sidecar0"] > 0
+    assert run["ratio"]["ack_p99"] > 0 and run["ratio"]["ack_rate"] > 0
+    assert set(run["targets"]) == {
+        "buffered_acks==0", "degraded_transitions==0", "all_answered", "ack_p99<20ms",
+        "select_p99<10ms",
+    }  # fmt: skip
+    assert fleet["largest_ok"] in (0, 60)

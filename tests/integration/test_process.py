@@ -17,7 +17,8 @@ import pytest
 
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
-from tests.support.redis_proc import free_port
+from tests.conftest import SidecarFactory
+from tests.support.redis_proc import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,3 +222,13 @@ def test_a_second_signal_cuts_a_hanging_shutdown_short(
     log = log_path.read_text()
     assert code == 128 + sig.value, log
     assert f"{sig.name} received again" in log
+
+
+async def test_a_busy_port_is_a_start_up_error(
+    sidecar_factory: SidecarFactory, shared_redis: RedisProcess, namespace: str
+) -> None:
+    """gRPC sets SO_REUSEPORT by default, so a second sidecar would share the port and
+    clients would reach either at random; the sidecar turns it off."""
+    first = await sidecar_factory(shared_redis.url, namespace)
+    with pytest.raises(OSError, match="cannot listen"):
+        await sidecar_factory(shared_redis.url, namespace, listen=first.address)

@@ -124,6 +124,13 @@ async def test_scrape_after_a_workload(metered: Sidecar, stub: pb_grpc.RegistryS
     conns = "db_client_connection_count"
     assert value(m, conns, db_client_connection_pool_name="hot") >= 1
     assert value(m, "registry_event_loop_lag_seconds") < 1
+    assert value(m, "registry_heartbeat_interval_factor") == 1
+    assert value(m, "registry_heartbeat_queue") == 0
+    assert value(m, "registry_supervisor_healthy") == 1
+    assert value(m, "registry_supervisor_failures_total", part="changefeed") == 0
+    assert value(m, "registry_detector_verdicts_total", cause="silence") == 0
+    assert 0.03 <= value(m, "registry_detector_threshold_seconds") <= 1.0
+    assert value(m, "registry_gc_pause_seconds") >= 0
 
     # Every series the shipped dashboard and alert rules query exists (a renamed metric
     # would otherwise leave them silently empty).
