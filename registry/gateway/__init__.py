@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_BATCH = 500
 """Nodes fetched per pipelined round trip during preload and reload."""
+VERSIONS_BATCH = 2000
+"""Node versions read per call of versions.lua (about 0.5 ms of Redis)."""
 
 SCRIPT_NAMES = (
     "lift",
@@ -76,6 +78,7 @@ SCRIPT_NAMES = (
     "release",
     "expire",
     "put_pool",
+    "versions",
 )
 
 
@@ -264,6 +267,7 @@ class Gateway:
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(body) for name, body in _load_scripts().items()
         }
+        self._versions = self.bulk.register_script(_load_scripts()["versions"])
         self._pending: list[
             tuple[HeartbeatIn, asyncio.Future[HeartbeatResult], trace.Span | None]
         ] = []
@@ -616,26 +620,28 @@ class Gateway:
     async def node_versions(self, ids: Sequence[str] | None = None) -> tuple[int, dict[str, int]]:
         """The registry version, then the version of each node (of ``ids``, or of all).
 
-        Cheap next to a snapshot (one small reply per node), so a replica can tell which
-        nodes changed and fetch only those. The registry version is read first: a node
-        changed after it shows a higher version, which only costs a needless fetch.
+        Cheap next to a snapshot (one small reply per batch: ``versions.lua``), so a
+        replica can tell which nodes changed and fetch only those. The registry version is
+        read first: a node changed after it shows a higher version, which only costs a
+        needless fetch.
         """
         with self._op("node_versions", hot=False):
-            version = int(_text(await self.bulk.get(self.keys.version) or 0))
             if ids is None:
                 members: set[Any] = await self.bulk.smembers(self.keys.nodes)  # type: ignore[misc]
                 ids = sorted(_text(i) for i in members)
+            version = None
             out: dict[str, int] = {}
-            for start in range(0, len(ids), SNAPSHOT_BATCH):
-                chunk = ids[start : start + SNAPSHOT_BATCH]
-                async with self.bulk.pipeline(transaction=False) as pipe:
-                    for node_id in chunk:
-                        pipe.hget(self.keys.node(node_id), "ver")
-                    rows = await pipe.execute()
-                for node_id, raw in zip(chunk, rows, strict=True):
-                    if raw is not None:
-                        out[node_id] = int(_text(raw))
-        return version, out
+            for start in range(0, max(len(ids), 1), VERSIONS_BATCH):
+                chunk = ids[start : start + VERSIONS_BATCH]
+                reply = await self._versions(
+                    keys=[self.keys.version], args=[self.keys.prefix, *chunk]
+                )
+                if version is None:
+                    version = int(reply[0])
+                for node_id, raw in zip(chunk, reply[1:], strict=True):
+                    if raw >= 0:
+                        out[node_id] = int(raw)
+        return version or 0, out
 
     async def read_pools(self) -> list[Pool]:
         with self._op("read_pools", hot=False):
