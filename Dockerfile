@@ -58,7 +58,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Numeric, so Kubernetes' runAsNonRoot can verify it without resolving a name.
 USER 10001:10001
 WORKDIR /var/lib/registry
-# Only the embedded Redis writes here; with REGISTRY_REDIS_URL set nothing is written.
+# The write-buffer journal lives here (and the embedded Redis, when no Redis URL is given).
 VOLUME ["/var/lib/registry/data"]
 # 50051: gRPC (registry.v1, grpc.health.v1, reflection); 9464: Prometheus /metrics.
 EXPOSE 50051 9464

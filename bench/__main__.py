@@ -51,6 +51,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="fleet: run these fleet sizes in turn and report the largest that met every target",
     )
     p.add_argument(
+        "--freeze-at",
+        type=float,
+        metavar="S",
+        help="fleet: a fault run; S seconds into the window Redis is frozen (SIGSTOP) for 2 s "
+        "under the load, and how soon each sidecar noticed is reported",
+    )
+    p.add_argument(
         "--profile",
         metavar="DIR",
         help="cProfile the sidecar during its load phases, write .prof files to DIR and print "
@@ -104,6 +111,8 @@ def fleet_plan(args: argparse.Namespace) -> fleet_bench.Plan:
         fp = dataclasses.replace(fp, nodes=args.nodes)
     if args.material is not None:
         fp = dataclasses.replace(fp, material=args.material)
+    if args.freeze_at is not None:
+        fp = dataclasses.replace(fp, freeze_at_s=args.freeze_at)
     if args.sweep:
         sizes = tuple(int(v.replace("_", "")) for v in args.sweep.split(",") if v.strip())
         fp = dataclasses.replace(fp, sweep=tuple(sorted(set(sizes))))

@@ -40,7 +40,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +119,10 @@ class Plan:
     sweep: tuple[int, ...] = field(default_factory=tuple)
     """Fleet sizes to run one after another (empty: ``nodes`` only)."""
     seed: int = 11
+    freeze_at_s: float | None = None
+    """A fault run: this long into the measured window Redis is frozen (SIGSTOP) for
+    ``freeze_s`` while the load goes on; how soon each sidecar noticed is reported."""
+    freeze_s: float = 2.0
 
 
 # --------------------------------------------------------------------------- heartbeat load
@@ -572,6 +576,10 @@ class Probe:
         self.window_end: list[Result | None] = [None] * len(addresses)
         self.samples: list[list[Result]] = [[] for _ in addresses]
         self.failed_probes = 0
+        self.freeze: tuple[float, float, Callable[[], None], Callable[[], None]] | None = None
+        """(at, for, pause, resume): freeze Redis this long into the window (fault run)."""
+        self.detected_ms: list[float | None] = [None] * len(addresses)
+        """Fault run: how long after the freeze each sidecar was degraded."""
 
     def snapshot(self) -> list[Result | None]:
         out = [_status(c) for c in self._channels]
@@ -583,6 +591,8 @@ class Probe:
         self.window_start = self.snapshot() if self._channels else []
         self._meter.start()
         end = time.monotonic() + self._duration_s
+        if self.freeze is not None:
+            self._freeze(*self.freeze)
         while (left := end - time.monotonic()) > 0:
             time.sleep(min(SAMPLE_S, left))
             if self._channels and time.monotonic() < end:
@@ -591,6 +601,29 @@ class Probe:
                         self.samples[i].append(s)
         self.cores.update(self._meter.stop())
         self.window_end = self.snapshot() if self._channels else []
+
+    def _freeze(
+        self, at: float, hold: float, pause: Callable[[], None], resume: Callable[[], None]
+    ) -> None:
+        """SIGSTOP Redis ``at`` s into the window for ``hold`` s; poll GetStatus (its
+        ``degraded_ms`` dates the trip to the millisecond) until each sidecar noticed."""
+        time.sleep(at)
+        stubs = [pb_grpc.RegistryServiceStub(c) for c in self._channels]
+        frozen = time.monotonic()
+        pause()
+        try:
+            while time.monotonic() - frozen < hold:
+                for i, stub in enumerate(stubs):
+                    if self.detected_ms[i] is not None:
+                        continue
+                    with contextlib.suppress(grpc.RpcError):
+                        st = stub.GetStatus(pb.GetStatusRequest(), timeout=1)
+                        if st.mode != "NORMAL" and st.outages:
+                            tripped = time.monotonic() - st.degraded_ms / 1000
+                            self.detected_ms[i] = round(1000 * (tripped - frozen), 1)
+                time.sleep(0.005)
+        finally:
+            resume()
 
     def close(self) -> None:
         for c in self._channels:
@@ -675,6 +708,8 @@ def _sidecar_run(workers: LoadWorkers, plan: Plan, nodes: int) -> tuple[Result, 
         pids: dict[str, int | None] = {f"sidecar{i}": s.pid for i, s in enumerate(servers)}
         pids |= {"redis": redis_proc.pid, "loadgen": workers.pids[0], "select": workers.pids[1]}
         probe = Probe(pids, addresses, plan.warmup_s, plan.duration_s)
+        if plan.freeze_at_s is not None:
+            probe.freeze = (plan.freeze_at_s, plan.freeze_s, redis_proc.pause, redis_proc.resume)
         try:
             probe.before = probe.snapshot()
             beat, select = workers.run(
@@ -696,6 +731,7 @@ def _sidecar_run(workers: LoadWorkers, plan: Plan, nodes: int) -> tuple[Result, 
         "select": select,
         "servers": [_server_report(probe, i, after[i]) for i in range(len(addresses))],
         "failed_status_probes": probe.failed_probes,
+        "freeze_detected_ms": probe.detected_ms if plan.freeze_at_s is not None else None,
         "cores": cores,
         "rss_mb": rss,
     }, canned
@@ -887,6 +923,12 @@ def report_size(r: Result, plan: Plan) -> str:
         + f", machine {_pct(e.get('machine', 0))} (others {_pct(e.get('others', 0))})\n"
     )
     t = r["targets"]
+    if sc.get("freeze_detected_ms") is not None:
+        out += (
+            f"fault run: Redis frozen (SIGSTOP) {plan.freeze_at_s:g} s into the window for "
+            f"{plan.freeze_s:g} s; degraded after (ms, per sidecar): {sc['freeze_detected_ms']}"
+            " (the targets below do not apply to a fault run)\n"
+        )
     out += "targets: " + "; ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in t.items())
     out += f" -> {'PASS' if r['met'] else 'FAIL'}\n"
     if r["generator_late"]:

@@ -239,7 +239,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         in_flight = asyncio.Semaphore(HEARTBEAT_IN_FLIGHT)
         failure: list[RegistryError] = []
         streamed: list[str] = []
-        buffered = self._deg.buffer.heartbeats
+        deg_buffer = self._deg.buffer
+        buffered = deg_buffer.heartbeats
 
         async def read() -> None:
             try:
@@ -263,7 +264,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                             attributes={"registry.node_id": beat.node_id, "registry.seq": req.seq},
                         )
                     sent = None
-                    if not self._deg.degraded:
+                    # Behind a buffered write of its node (a registration not replayed
+                    # yet), a heartbeat is buffered too: order per node holds.
+                    if not self._deg.degraded and not deg_buffer.pending_node(beat.node_id):
                         if beat.node_id in buffered:  # newer than the one in the buffer
                             self._deg.buffer.supersede(beat.node_id)
                         sent = self._gateway.submit_heartbeat(beat, span)

@@ -110,6 +110,11 @@ class WriteBuffer:
         """Some buffered command touches one of ``keys``."""
         return any(self._keys.get(k) for k in keys)
 
+    def pending_node(self, node_id: str) -> bool:
+        """Some buffered command touches the node (a register not replayed yet: a live
+        heartbeat would find the node unknown). Cheap when nothing is buffered."""
+        return bool(self.ops) and bool(self._keys.get(f"node:{node_id}"))
+
     def pop_op(self, seq: int) -> None:
         """The oldest command reached Redis (or no longer applies)."""
         head, command = self.ops[0]

@@ -14,16 +14,20 @@ The threshold adapts to what Redis's answers have looked like lately, the way a
 phi-accrual detector (Cassandra, Akka) does: the PING round trips of the last few seconds
 give a mean and a standard deviation, and a PING is suspect once it is ``z`` deviations
 past the mean (z = 5.6 is phi = 8 for a normal distribution) and ``tail`` times the
-slowest of them (a loaded machine's round trips are heavy-tailed: a Redis waiting for a
-CPU now and then, which a normal fit underestimates). On a quiet machine round
-trips are a fraction of a millisecond, so the floor decides (a frozen Redis is found
-within the floor plus one poll); on a saturated machine round trips spread and the
-threshold grows with them, up to the ceiling. A round trip that took longer than the
-threshold in force, while nothing else answered either, is not learned as load (an
-outage would make the threshold useless); but when that answer came back within the
-ceiling, Redis was slow rather than gone, so for the next ``late_memory_s`` the threshold
-is at least twice that round trip: a Redis slowed down for good (a slow link, a loaded
-host) trips the sidecar once, not at every PING.
+typical worst of them (the median of the slowest round trip of each 6 s of the last
+minute: a loaded machine's round trips are heavy-tailed, a Redis waiting for a CPU now
+and then, which a normal fit underestimates). The host's CPU pressure (Linux PSI) raises
+the floor: a Redis on a contended host goes unscheduled for tens of milliseconds. On a
+quiet machine round trips are a fraction of a millisecond, so the floor decides (a frozen
+Redis is found within the floor); on a saturated machine the threshold grows with the
+load, up to the ceiling. A round trip that took longer than the threshold in force, while
+nothing else answered either, is not learned as load (an outage would make the threshold
+useless); but when that answer came back within the ceiling, Redis was slow rather than
+gone, so for the next ``late_memory_s`` the threshold is at least twice that round trip:
+a Redis slowed down for good (a slow link, a loaded host) trips the sidecar once, not at
+every PING. Before it calls a silence, it reads the socket once more (the answer may be
+there, unread: a garbage collection held every thread) and waits for a stalled event loop
+to look at its own connections.
 
 Why a thread: a timer on the event loop measures the loop's queue as well as Redis, and
 a loaded loop made healthy 6 ms answers look like 25 ms timeouts. The thread waits on
@@ -77,7 +81,7 @@ class Thresholds:
     z: float = 5.6
     """Deviations past the mean round trip before a PING is suspect (phi ~ 8)."""
     tail: float = 2.0
-    """...and at least this many times the slowest round trip of the last minute."""
+    """...and at least this many times the typical worst round trip of the last minute."""
     peak_memory_s: float = 60.0
     min_std_s: float = 0.002
     """Lower bound of the deviation, so a very steady past does not make a hair trigger."""
@@ -96,15 +100,20 @@ class RoundTrips:
         self._sum = 0.0
         self._sq = 0.0
         self._base = t.floor_s
+        self.pressure = 0.0
+        """The host's CPU pressure (share of the last 10 s some task waited for a CPU,
+        Linux PSI); set by the detector. A Redis on a contended host goes unscheduled for
+        tens of milliseconds now and then: the floor rises with it (x3 at full pressure)."""
         self._peaks: deque[tuple[float, float]] = deque()
         self._late_s = 0.0
         self._late_until = 0.0
 
     @property
     def threshold_s(self) -> float:
+        base = min(max(self._base, self._t.floor_s * (1 + 2 * self.pressure)), self._t.ceiling_s)
         if self._late_s and time.monotonic() < self._late_until:
-            return max(self._base, self._late_s)
-        return self._base
+            return max(base, self._late_s)
+        return base
 
     def late(self, rtt: float) -> None:
         """An answer that came after the detector had called Redis down."""
@@ -133,7 +142,9 @@ class RoundTrips:
         self._base = min(max(suspect, t.floor_s), t.ceiling_s)
 
     def _peak(self, rtt: float) -> float:
-        """The slowest round trip of the last ``peak_memory_s`` (in buckets of a tenth)."""
+        """The typical worst round trip: the slowest of each tenth of the last
+        ``peak_memory_s``, median of those. A loaded machine shows it in most tenths; one
+        odd stall (a start-up burst) in one tenth does not slow detection for a minute."""
         now = time.monotonic()
         span = self._t.peak_memory_s / 10
         if not self._peaks or now - self._peaks[-1][0] >= span:
@@ -142,7 +153,8 @@ class RoundTrips:
                 self._peaks.popleft()
         elif rtt > self._peaks[-1][1]:
             self._peaks[-1] = (self._peaks[-1][0], rtt)
-        return max(p for _, p in self._peaks)
+        peaks = sorted(p for _, p in self._peaks)
+        return peaks[len(peaks) // 2]
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self._samples)
@@ -169,6 +181,7 @@ class Detector:
         on_down: Callable[[str], object],
         heard: Callable[[], float],
         loop_behind: Callable[[], float] = lambda: 0.0,
+        pressure: Callable[[], float] | None = None,
     ) -> None:
         self._make_probe = probe
         self._interval = interval_s
@@ -176,6 +189,7 @@ class Detector:
         self._on_down = on_down
         self._heard = heard
         self._loop_behind = loop_behind
+        self._pressure = pressure or cpu_pressure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-detector", daemon=True)
         self.checks = 0
@@ -212,8 +226,12 @@ class Detector:
     def _run(self) -> None:
         probe = self._make_probe()
         failing = False
+        pressure_at = 0.0
         while not self._stop.is_set():
             self.checks += 1
+            if time.monotonic() - pressure_at >= 1.0:
+                pressure_at = time.monotonic()
+                self.trips.pressure = self._pressure()
             try:
                 self._ping(probe)
             except Exception as exc:  # refused, reset, closed: definitive
@@ -280,3 +298,17 @@ class Detector:
             self.trips.add(now - sent)
         else:
             self.stalls += 1
+
+
+PSI_CPU = "/proc/pressure/cpu"
+
+
+def cpu_pressure() -> float:
+    """Linux PSI: the share of the last 10 s in which some runnable task waited for a
+    CPU (0 when the kernel does not say)."""
+    try:
+        with open(PSI_CPU) as f:
+            first = f.readline()  # "some avg10=24.79 avg60=35.27 avg300=32.88 total=..."
+        return min(float(first.split()[1].partition("=")[2]) / 100, 1.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0

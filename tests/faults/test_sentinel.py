@@ -84,7 +84,7 @@ async def test_sidecar_follows_a_sentinel_failover(
             acknowledged.append("after")
             promoted = replica.client()
             deadline = time.monotonic() + 15
-            while promoted.info("replication")["role"] != "master" or sc.degradation.degraded:
+            while promoted.info("replication")["role"] != "master" or not sc.degradation.settled:
                 assert time.monotonic() < deadline, "no failover, or the sidecar did not follow"
                 await asyncio.sleep(0.05)
             followed_ms = 1000 * (time.monotonic() - killed)

@@ -161,6 +161,16 @@ def test_the_threshold_follows_the_round_trips_between_floor_and_ceiling() -> No
     assert trips.threshold_s == pytest.approx(0.5)
 
 
+def test_cpu_pressure_on_the_host_raises_the_floor() -> None:
+    trips = RoundTrips(Thresholds(floor_s=0.04, ceiling_s=1.0))
+    trips.add(0.0002)
+    assert trips.threshold_s == pytest.approx(0.04)
+    trips.pressure = 0.5  # half the time some task waited for a CPU
+    assert trips.threshold_s == pytest.approx(0.08)
+    trips.pressure = 1.0
+    assert trips.threshold_s == pytest.approx(0.12)
+
+
 class FakeProbe:
     """A Redis that answers after ``delay`` (None: never), or refuses connections."""
 
@@ -198,6 +208,7 @@ def run_detector(probe: FakeProbe, heard: float | None, seconds: float) -> list[
         thresholds=Thresholds(floor_s=0.03, ceiling_s=1.0),
         on_down=downs.append,
         heard=lambda: time.monotonic() if heard is None else started - heard,
+        pressure=lambda: 0.0,
     )
     detector.start()
     try:
@@ -216,6 +227,7 @@ def test_a_frozen_redis_is_down_within_the_floor() -> None:
         thresholds=Thresholds(floor_s=0.03, ceiling_s=1.0),
         on_down=downs.append,
         heard=lambda: 0.0,
+        pressure=lambda: 0.0,
     )
     detector.start()
     try:
@@ -244,3 +256,12 @@ def test_a_slow_redis_alone_is_learned_not_tripped_twice() -> None:
 def test_a_refused_connection_is_down_at_once() -> None:
     downs = run_detector(FakeProbe(refuse=True), heard=None, seconds=0.05)
     assert len(downs) == 1 and "connection failed" in downs[0]
+
+
+def test_a_node_with_a_buffered_write_is_pending() -> None:
+    buffer = WriteBuffer(max_ops=10, max_heartbeats=10)
+    assert not buffer.pending_node("n1")
+    buffer.add(Register(SPEC, 9_000))
+    assert buffer.pending_node("n1") and not buffer.pending_node("n2")
+    buffer.pop_op(buffer.ops[0][0])
+    assert not buffer.pending_node("n1")
