@@ -17,15 +17,28 @@ import os
 import sys
 import uuid
 
-from registry_client import NotFound, ResourceExhausted, SyncRegistryClient, pb
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from registry_client import NotFound, ResourceExhausted, SyncRegistryClient, Unavailable, pb
 
 TARGET = os.environ.get("REGISTRY_TARGET", "127.0.0.1:50051")
 
 log = logging.getLogger("example")
 
+# UNAVAILABLE is the contract's "retry": the sidecar is starting, or Redis is unreachable
+# and a slot cannot be promised. Schedule is idempotent by job id, so retrying it with the
+# same id never takes a second slot.
+RETRY = Retrying(
+    retry=retry_if_exception_type(Unavailable),
+    wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
+    stop=stop_after_delay(30),
+    before_sleep=lambda state: log.info("unavailable, retrying (attempt %d)", state.attempt_number),
+    reraise=True,
+)
+
 
 def select_and_run(client: SyncRegistryClient, pool_id: str) -> None:
-    picked = client.select_nodes(pool_id, lang_pair=("en", "de"), count=3)
+    picked = RETRY(client.select_nodes, pool_id, lang_pair=("en", "de"), count=3)
     b = picked.breakdown
     log.info(
         "candidates %s (considered=%d eligible=%d draining=%d full=%d)",
@@ -38,7 +51,7 @@ def select_and_run(client: SyncRegistryClient, pool_id: str) -> None:
 
     job_id = f"job-{uuid.uuid4().hex[:8]}"
     try:
-        scheduled = client.schedule(job_id, pool_id, lang_pair=("en", "de"), lease_ms=60_000)
+        scheduled = RETRY(client.schedule, job_id, pool_id, lang_pair=("en", "de"), lease_ms=60_000)
     except ResourceExhausted as exc:  # no node with a free slot
         log.info("no capacity for %s: %s", job_id, exc.details)
         return
@@ -53,7 +66,7 @@ def select_and_run(client: SyncRegistryClient, pool_id: str) -> None:
     )
     # ... send the job to node.address; when it finishes:
     with contextlib.suppress(NotFound):  # the node may have gone meanwhile
-        client.release_slot(node.node_id, job_id)
+        RETRY(client.release_slot, node.node_id, job_id)  # idempotent: safe to retry
 
 
 def follow(client: SyncRegistryClient, pool_id: str) -> None:

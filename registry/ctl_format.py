@@ -130,7 +130,10 @@ def breakdown(b: pb.SelectionBreakdown) -> str:
     return text + (" excluded: " + " ".join(excluded) if excluded else "")
 
 
-NODE_HEADERS = ("NODE", "STATUS", "JOBS", "HEALTH", "POOLS", "LANGS", "ADDRESS", "HEARTBEAT")
+NODE_HEADERS = ("NODE", "STATUS", "JOBS", "HEALTH", "POOLS", "LANGS", "ADDRESS", "UPDATED")
+"""UPDATED: when the node's figures last changed (a heartbeat whose metrics moved, a
+registration, a reservation). Not liveness: a node beating steadily with unchanged
+figures keeps an old time; STATUS says whether it is alive (ONLINE until its deadline)."""
 
 
 def node_row(node: pb.Node, now_ms: int | None = None) -> list[str]:
@@ -168,7 +171,7 @@ def node_details(node: pb.Node, fresh: pb.Freshness | None = None) -> str:
         ("version", str(node.version)),
         ("registered_at", timestamp(node.registered_at)),
         (
-            "last_heartbeat",
+            "updated",
             f"{timestamp(node.last_heartbeat_at)} ({age(node.last_heartbeat_at)})"
             if node.last_heartbeat_at
             else NONE,

@@ -340,8 +340,9 @@ class Sidecar:
                 continue
             if shifted:
                 log.warning(
-                    "no expiry ran for %d ms (Redis was unreachable): every deadline "
-                    "and lease moved forward by that much (self-preservation)",
+                    "no sidecar ran expiry for %d ms (every sidecar was stopped, or "
+                    "none could reach Redis): every deadline and lease moved forward by "
+                    "that much (self-preservation)",
                     shifted,
                 )
             if offline or removed or freed:

@@ -248,7 +248,10 @@ class Node(google.protobuf.message.Message):
     """Output only: milliseconds since the Unix epoch, Redis clock."""
     last_heartbeat_at: builtins.int
     """Output only: milliseconds since the Unix epoch, Redis clock, of the last
-    heartbeat that reached this replica (see docs/consistency.md).
+    heartbeat that changed the node's figures (a metric moved by the epsilon, or
+    reconciled jobs), as this replica knows it. Heartbeats that change nothing only
+    move the node's deadline in Redis and are not replicated, so this is not
+    liveness: an ONLINE status is (see docs/consistency.md).
     """
     ttl_ms: builtins.int
     """Output only: liveness TTL in milliseconds."""
@@ -936,7 +939,11 @@ class WatchEvent(google.protobuf.message.Message):
     node_id: builtins.str
     version: builtins.int
     resume_token: builtins.str
-    """Opaque; pass it back in WatchRequest to resume after this event."""
+    """Opaque; pass it back in WatchRequest to resume after this event. Set on PUT,
+    DELETE, SNAPSHOT_END and BOOKMARK events. Empty on SNAPSHOT events (resume from
+    the SNAPSHOT_END that closes the snapshot), and on the PUT/DELETE events of a
+    reload that share one version: the BOOKMARK after the last of them carries it.
+    """
     @property
     def node(self) -> Global___Node: ...
     def __init__(
@@ -1203,6 +1210,9 @@ class GetStatusResponse(google.protobuf.message.Message):
     version: builtins.int
     """Version the replica has applied."""
     node_count: builtins.int
+    """Nodes in the replica, OFFLINE ones included until expiry removes them (after
+    the offline grace period).
+    """
     redis_version: builtins.int
     """Version Redis reported at the last check (0 if never read)."""
     staleness_ms: builtins.int
@@ -1216,7 +1226,9 @@ class GetStatusResponse(google.protobuf.message.Message):
     events_applied: builtins.int
     """Change-log entries applied since start."""
     reloads: builtins.int
-    """Full reloads of the replica since start (gaps, reconnects)."""
+    """Full reloads of the replica since start, the preload included (so 1 on a
+    fresh sidecar); each later one is a gap in the log or a lost data set.
+    """
     watchers: builtins.int
     """Open Watch streams."""
     heartbeat_streams: builtins.int
