@@ -23,7 +23,7 @@ PYTEST_MARK :=
 IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: help venv redis-check node-deps run test test-fast lint fmt typecheck proto \
+.PHONY: help venv lock redis-check node-deps run test test-fast lint fmt typecheck proto \
 	proto-check buf-lint buf-breaking bench clean node-client-deps node-client-test
 
 help: ## List targets
@@ -47,11 +47,19 @@ $(PY):
 	fi
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalls whenever either pyproject.toml changes (the stamp is older than it).
-$(VENV_STAMP): pyproject.toml clients/python/pyproject.toml | $(PY)
+# Reinstalls whenever the lock or a pyproject.toml changes (the stamp is older than it).
+# Third-party packages come from requirements.lock, exact versions checked against their
+# hashes; the two local packages go on top without dependencies (they are in the lock).
+$(VENV_STAMP): requirements.lock pyproject.toml clients/python/pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e clients/python -e '.[dev]'
+	$(PY) -m pip install --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install --no-deps -e clients/python -e '.[dev]'
+	$(PY) -m pip check
 	@touch $@
+
+lock: $(PY) ## Re-resolve requirements.lock from requirements.in and pyproject.toml (needs PyPI)
+	$(PY) -m pip install --quiet 'pip-tools>=7.4,<8'
+	$(PY) tools/lock.py
 
 redis-check: ## Make sure redis-server is installed (apt-get when root)
 	@if ! command -v redis-server >/dev/null 2>&1; then \
