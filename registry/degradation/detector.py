@@ -252,7 +252,10 @@ class Detector:
         self.outstanding_since = sent
         probe.send()
         tripped = vetoed = stalled = False
-        wait = self.trips.threshold_s
+        # Silence counts from the last answer heard, not from this PING: the first
+        # check is due when that silence would reach the threshold.
+        heard = max(self._heard(), self.last_answer)
+        wait = min(max(heard + self.trips.threshold_s - sent, POLL_S), MAX_WAIT_S)
         while not probe.ready(wait):
             if self._stop.is_set():
                 return
