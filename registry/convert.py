@@ -66,6 +66,7 @@ def spec_from_pb(msg: pb.Node) -> NodeSpec:
         services=tuple(InstalledService(s.name, s.type, s.version) for s in msg.services),
         labels=dict(msg.labels),
         capacity=msg.capacity,
+        metrics=metrics_from_pb(msg.metrics) if msg.HasField("metrics") else None,
     )
 
 

@@ -51,6 +51,9 @@ class NodeSpec:
     services: tuple[InstalledService, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     capacity: int = 0
+    metrics: Metrics | None = None
+    """Load figures declared at registration (None: not given). Live state, not part of
+    the spec: a heartbeat replaces them."""
 
     def to_json(self) -> str:
         """Canonical JSON of the declared fields but id and capacity (stored separately).

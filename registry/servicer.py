@@ -46,6 +46,7 @@ from registry.errors import (
     Unimplemented,
 )
 from registry.gateway import Gateway
+from registry.health import health_score
 from registry.model import (
     Change,
     EventType,
@@ -57,6 +58,7 @@ from registry.model import (
     NodeSpec,
     NodeStatus,
     Reservation,
+    SelectionWeights,
 )
 from registry.scheduler import schedule
 from registry.selection import list_nodes, select
@@ -216,7 +218,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         done = await self._deg.write(Register(spec, ttl))
         if done is None:  # buffered while degraded
-            pending = _pending_node(spec, ttl, self._replica.get(spec.node_id))
+            pending = _pending_node(spec, ttl, self._replica.get(spec.node_id), self._weights)
             return pb.RegisterNodeResponse(node=convert.node_to_pb(pending))
         node, _ = done
         self._replica.apply_local(node, node.node_id, node.version)
@@ -718,12 +720,20 @@ async def _abort(context: Context, exc: RegistryError) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _pending_node(spec: NodeSpec, ttl_ms: int, known: Node | None) -> Node:
+def _pending_node(
+    spec: NodeSpec, ttl_ms: int, known: Node | None, weights: SelectionWeights
+) -> Node:
     """What a registration buffered while degraded will store, as far as this sidecar can
     tell: the declared fields from the request, the live ones from the replica."""
     status = known.status if known is not None else NodeStatus.ONLINE
     if status is NodeStatus.OFFLINE:
         status = NodeStatus.ONLINE
+    if spec.metrics is not None:
+        metrics, health = spec.metrics, health_score(spec.metrics, weights)
+    elif known is not None:
+        metrics, health = known.metrics, known.health_score
+    else:
+        metrics, health = Metrics(), 1.0
     return Node(
         node_id=spec.node_id,
         address=spec.address,
@@ -733,9 +743,9 @@ def _pending_node(spec: NodeSpec, ttl_ms: int, known: Node | None) -> Node:
         labels=dict(spec.labels),
         capacity=spec.capacity,
         status=status,
-        metrics=known.metrics if known is not None else Metrics(),
+        metrics=metrics,
         running_jobs=known.running_jobs if known is not None else 0,
-        health_score=known.health_score if known is not None else 1.0,
+        health_score=health,
         version=known.version if known is not None else 0,
         registered_at=known.registered_at if known is not None else 0,
         last_heartbeat_at=known.last_heartbeat_at if known is not None else 0,

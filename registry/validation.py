@@ -110,6 +110,8 @@ def check_spec(spec: NodeSpec, field: str = "node") -> NodeSpec:
     for i, service in enumerate(spec.services):
         check_service(f"{field}.services[{i}]", service)
     check_labels(f"{field}.labels", spec.labels)
+    if spec.metrics is not None:
+        check_metrics(f"{field}.metrics", spec.metrics)
     return spec
 
 

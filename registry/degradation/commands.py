@@ -94,6 +94,7 @@ class Register(Command[tuple[Node, bool]]):
             "services": [[v.name, v.type, v.version] for v in s.services],
             "labels": dict(s.labels),
             "capacity": s.capacity,
+            "metrics": None if s.metrics is None else heartbeat_record_metrics(s.metrics),
             "ttl_ms": self.ttl_ms,
             "adopt_ms": self.adopt_ms,
         }
@@ -108,6 +109,7 @@ class Register(Command[tuple[Node, bool]]):
             services=tuple(InstalledService(n, t, v) for n, t, v in r["services"]),
             labels=dict(r["labels"]),
             capacity=int(r["capacity"]),
+            metrics=None if r.get("metrics") is None else metrics_from_record(r["metrics"]),
         )
         return cls(spec, int(r["ttl_ms"]), int(r.get("adopt_ms", 0)))
 
@@ -230,20 +232,25 @@ def command_from_record(kind: str, record: Record) -> Command[Any]:
     return command
 
 
+def heartbeat_record_metrics(m: Metrics) -> list[float]:
+    return [m.cpu, m.gpu, m.mem, m.load, m.error_rate]
+
+
+def metrics_from_record(values: list[float]) -> Metrics:
+    cpu, gpu, mem, load, err = values
+    return Metrics(cpu=cpu, gpu=gpu, mem=mem, load=load, error_rate=err)
+
+
 def heartbeat_record(hb: HeartbeatIn) -> Record:
-    m = hb.metrics
     return {
         "node_id": hb.node_id,
-        "m": [m.cpu, m.gpu, m.mem, m.load, m.error_rate],
+        "m": heartbeat_record_metrics(hb.metrics),
         "jobs": None if hb.running_job_ids is None else list(hb.running_job_ids),
     }
 
 
 def heartbeat_from_record(r: Record) -> HeartbeatIn:
-    cpu, gpu, mem, load, err = r["m"]
     jobs = r.get("jobs")
     return HeartbeatIn(
-        r["node_id"],
-        Metrics(cpu=cpu, gpu=gpu, mem=mem, load=load, error_rate=err),
-        None if jobs is None else tuple(jobs),
+        r["node_id"], metrics_from_record(r["m"]), None if jobs is None else tuple(jobs)
     )

@@ -383,10 +383,15 @@ class Gateway:
         """``adopt_ms``: for this long the node's job reports re-create reservations
         (after Redis lost them; see register.lua)."""
         k = self.keys
+        args: list[Any] = [
+            spec.node_id, spec.to_json(), spec.capacity, ttl_ms, self._maxlen, adopt_ms
+        ]  # fmt: skip
+        if (m := spec.metrics) is not None:
+            args += ["1", m.cpu, m.gpu, m.mem, m.load, m.error_rate, *self._weights]
         changed, flat = await self._call(
             "register",
             [k.node(spec.node_id), k.jobs(spec.node_id), k.nodes, k.version, k.log, k.expiry],
-            [spec.node_id, spec.to_json(), spec.capacity, ttl_ms, self._maxlen, adopt_ms],
+            args,
         )
         return node_from_fields(spec.node_id, _pairs(flat)), bool(changed)
 

@@ -369,7 +369,8 @@ async def test_entries_past_l2_are_read_through_before_being_served(
     sidecar_factory: SidecarFactory, shared_redis: RedisProcess, namespace: str
 ) -> None:
     sc = await sidecar_factory(shared_redis.url, namespace, l1_ttl_ms=100, l2_ttl_ms=200)
-    await sc.tiers.aclose()  # nothing revalidates in the background: entries age
+    assert sc.supervisor is not None
+    await sc.supervisor.stop("revalidator")  # nothing revalidates in the background
     client = shared_redis.client()
     async with grpc.aio.insecure_channel(sc.address) as channel:
         stub = Stub(channel)

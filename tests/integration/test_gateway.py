@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -73,6 +74,9 @@ Op = Callable[[Gateway], Awaitable[object]]
 
 OPS: dict[str, Op] = {
     "register": lambda g: g.register(SPEC, 10_000),
+    "register_with_metrics": lambda g: g.register(
+        replace(SPEC, metrics=Metrics(cpu=0.123456789012345678, mem=0.95)), 10_000
+    ),
     "heartbeat": lambda g: g.heartbeat(HeartbeatIn("n1", Metrics(cpu=0.7))),
     "heartbeat_reconcile": lambda g: g.heartbeat(HeartbeatIn("n1", Metrics(), ("other",))),
     "put_pool": lambda g: g.put_pool(

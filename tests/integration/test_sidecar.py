@@ -9,6 +9,8 @@ import grpc
 import pytest
 import redis
 
+from registry.health import health_score
+from registry.model import Metrics
 from registry.server import Sidecar
 from registry_client.v1 import registry_pb2 as pb
 from registry_client.v1 import registry_pb2_grpc as pb_grpc
@@ -532,3 +534,20 @@ async def test_a_full_write_buffer_refuses_instead_of_dropping(
         client = redis_proc.client()
         statuses = [client.hget(f"{{{namespace}}}:node:{n}", "status") for n in "abc"]
         assert statuses == [b"DRAINING", b"DRAINING", b"ONLINE"]
+
+
+async def test_metrics_given_at_registration_are_kept_until_the_first_heartbeat(
+    stub: Stub,
+) -> None:
+    """A node registered busy is ranked as busy before its first heartbeat."""
+    node = await register(stub, "busy", metrics=pb.NodeMetrics(cpu=0.95, mem=0.5))
+    assert node.metrics.cpu == pytest.approx(0.95) and node.metrics.mem == pytest.approx(0.5)
+    assert node.health_score == pytest.approx(health_score(Metrics(cpu=0.95, mem=0.5)))
+    got = await stub.GetNode(pb.GetNodeRequest(node_id="busy"))
+    assert got.node.metrics.cpu == pytest.approx(0.95)
+    idle = await register(stub, "idle")  # no metrics given: nothing assumed
+    assert idle.metrics.cpu == 0 and idle.health_score == 1.0
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await register(stub, "bad", metrics=pb.NodeMetrics(cpu=1.5))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.metrics" in (bad.value.details() or "")

@@ -94,6 +94,7 @@ def test_spec_round_trips_through_the_wire() -> None:
         services=(InstalledService("asr"), InstalledService("mt", "nmt", "2.1")),
         labels={"zone": "eu-1"},
         capacity=3,
+        metrics=node.metrics,  # a Node on the wire always carries its figures
     )
     assert spec.to_json() == node.spec_json
     assert isinstance(spec.labels, dict)

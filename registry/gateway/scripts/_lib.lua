@@ -10,6 +10,19 @@
 -- deadline; the job-node hash maps job id -> node id, so a job holds at most one
 -- slot in the whole registry. Every path that frees a slot updates all three.
 
+-- Health score in [0, 1]: 1 minus the weighted mean of the six load figures
+-- (cpu, gpu, mem, load, heartbeat delay, error rate), rounded to 4 decimals: the formula
+-- of registry/health.py (a unit test checks that both agree).
+local function health_score(w, m)
+  local wsum = w[1] + w[2] + w[3] + w[4] + w[5] + w[6]
+  if wsum <= 0 then return 1 end
+  local used = 0
+  for j = 1, 6 do used = used + w[j] * m[j] end
+  local h = 1 - used / wsum
+  if h < 0 then h = 0 elseif h > 1 then h = 1 end
+  return math.floor(h * 10000 + 0.5) / 10000
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

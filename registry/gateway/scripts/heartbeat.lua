@@ -34,7 +34,6 @@ local ver_key, log_key, expiry_key, leases_key, jobnode_key = KEYS[1], KEYS[2], 
 local maxlen, eps = ARGV[1], tonumber(ARGV[2])
 local w = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
   tonumber(ARGV[7]), tonumber(ARGV[8])}
-local wsum = w[1] + w[2] + w[3] + w[4] + w[5] + w[6]
 local grace = tonumber(ARGV[9])
 local prefix = ARGV[10]
 local adopt_lease = tonumber(ARGV[11])
@@ -44,12 +43,7 @@ local names = {'cpu', 'gpu', 'mem', 'load', 'delay', 'err'}
 local out = {}
 
 local function health_of(m)
-  if wsum <= 0 then return 1 end
-  local used = 0
-  for j = 1, 6 do used = used + w[j] * m[j] end
-  local h = 1 - used / wsum
-  if h < 0 then h = 0 elseif h > 1 then h = 1 end
-  return math.floor(h * 10000 + 0.5) / 10000
+  return health_score(w, m)
 end
 
 local function reconcile(node_id, jobs_key, report, adopt, capacity)

@@ -267,7 +267,10 @@ class Node(google.protobuf.message.Message):
     def labels(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]: ...
     @property
     def metrics(self) -> Global___NodeMetrics:
-        """Output only: the metrics of the last heartbeat that changed them materially."""
+        """The metrics of the last heartbeat that changed them materially. RegisterNode
+        takes them too (when set): a node is then ranked by what it declared until its
+        first heartbeat. heartbeat_delay is always computed by the registry.
+        """
 
     def __init__(
         self,
