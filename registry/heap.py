@@ -32,7 +32,6 @@ class Heap:
         self.pauses: deque[tuple[float, float]] = deque(maxlen=256)
         """(monotonic end, seconds) of recent full collections."""
         self._started = 0.0
-        self.full_collections = 0
 
     def freeze(self) -> None:
         """Collect, then everything alive is long-lived: out of the collector's sight
@@ -47,7 +46,6 @@ class Heap:
             self._started = time.perf_counter()
         else:
             self.pauses.append((time.monotonic(), time.perf_counter() - self._started))
-            self.full_collections += 1
 
     def longest_pause(self, within_s: float = 60.0) -> float:
         """The longest full collection of the last ``within_s`` seconds."""

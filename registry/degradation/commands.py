@@ -94,7 +94,7 @@ class Register(Command[tuple[Node, bool]]):
             "services": [[v.name, v.type, v.version] for v in s.services],
             "labels": dict(s.labels),
             "capacity": s.capacity,
-            "metrics": None if s.metrics is None else heartbeat_record_metrics(s.metrics),
+            "metrics": None if s.metrics is None else metrics_record(s.metrics),
             "ttl_ms": self.ttl_ms,
             "adopt_ms": self.adopt_ms,
         }
@@ -232,7 +232,7 @@ def command_from_record(kind: str, record: Record) -> Command[Any]:
     return command
 
 
-def heartbeat_record_metrics(m: Metrics) -> list[float]:
+def metrics_record(m: Metrics) -> list[float]:
     return [m.cpu, m.gpu, m.mem, m.load, m.error_rate]
 
 
@@ -244,7 +244,7 @@ def metrics_from_record(values: list[float]) -> Metrics:
 def heartbeat_record(hb: HeartbeatIn) -> Record:
     return {
         "node_id": hb.node_id,
-        "m": heartbeat_record_metrics(hb.metrics),
+        "m": metrics_record(hb.metrics),
         "jobs": None if hb.running_job_ids is None else list(hb.running_job_ids),
     }
 

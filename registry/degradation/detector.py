@@ -156,12 +156,6 @@ class RoundTrips:
         peaks = sorted(p for _, p in self._peaks)
         return peaks[len(peaks) // 2]
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self._samples)
-        if not ordered:
-            return 0.0
-        return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
-
 
 class Detector:
     """Runs the probe loop in a thread; calls ``on_down(why)`` from that thread.
@@ -202,8 +196,6 @@ class Detector:
         """Trips for a refused, reset or closed connection."""
         self.vetoed = 0
         """PINGs past the threshold while other connections were still answered (busy)."""
-        self.worst_silence = 0.0
-        """Longest silence seen past the threshold (for diagnostics; reset by readers)."""
         self.stalls = 0
         """Round trips not learned because this thread itself did not run meanwhile."""
 
@@ -283,7 +275,6 @@ class Detector:
                 # connections, so its silence proves nothing yet. Judge once it ran.
                 wait = STALL_S
                 continue
-            self.worst_silence = max(self.worst_silence, silent)
             tripped = True
             self.silences += 1
             wait = MAX_WAIT_S
