@@ -70,7 +70,8 @@ class Sidecar:
         self._feed: ChangeFeed | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
-        self.supervisor: Supervisor | None = None
+        self.supervisor = Supervisor(self._on_health)
+        """Runs every background part (started once the replica is preloaded)."""
         self.heap = Heap()
         self._serving = False
         self._journal: Journal | None = None
@@ -225,7 +226,6 @@ class Sidecar:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        self._supervisor = Supervisor(self._on_health)
         self.metrics = Metrics(s, self._metric_readers)
         self._tracing = Tracing(s, self._span_exporter)
         self._tracing.instrument(self._gateway)
@@ -239,7 +239,7 @@ class Sidecar:
                 self._degradation,
                 self.servicer,
                 self.backpressure,
-                self._supervisor,
+                self.supervisor,
                 self.heap,
             )
         )
@@ -271,7 +271,7 @@ class Sidecar:
         with background():  # tasks copy this context: no spans from the loops
             await self._until_redis(self._feed.preload)
             self.heap.freeze()  # the preloaded replica is long-lived
-            sup = self.supervisor = self._supervisor
+            sup = self.supervisor
             sup.spawn("changefeed", self._feed.run)
             self.degradation.start(sup.spawn)
             sup.spawn("version-checker", self._checker.run)
@@ -307,7 +307,7 @@ class Sidecar:
         else:
             log.error(
                 "background parts keep failing (%s): NOT_SERVING",
-                ", ".join(self.supervisor.unhealthy_parts() if self.supervisor else ()),
+                ", ".join(self.supervisor.unhealthy_parts()),
             )
         status = health_pb2.HealthCheckResponse
         await self._set_health(status.SERVING if healthy else status.NOT_SERVING)
@@ -366,9 +366,8 @@ class Sidecar:
                 server.stop(self.settings.shutdown_grace_s),
                 self.settings.shutdown_grace_s + 5,
             )
-        if self.supervisor is not None:  # the loops stop before what they use closes
-            await _bounded("background parts", self.supervisor.aclose(), 10.0)
-            self.supervisor = None
+        # The loops stop before what they use closes.
+        await _bounded("background parts", self.supervisor.aclose(), 10.0)
         for name, part in (
             ("revalidator", self._tiers),
             ("version checker", self._checker),

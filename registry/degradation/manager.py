@@ -372,7 +372,7 @@ class Degradation:
 
     async def _drain_loop(self) -> None:
         """Replays the buffer whenever it holds something and Redis is up."""
-        if self.buffer.ops or self.buffer.heartbeats:  # (re)started with work waiting
+        if self.draining:  # (re)started with work waiting
             self._drain.set()
         while True:
             await self._drain.wait()
@@ -380,9 +380,7 @@ class Degradation:
             if self._catch_up is not None and not self.degraded:
                 lost, self._catch_up = self._catch_up, None
                 await self.recovery.catch_up(lost)
-            while self.buffer.ops or self.buffer.heartbeats:
-                if self.degraded:
-                    break
+            while self.draining and not self.degraded:
                 try:
                     n = await self.recovery.drain_round()
                 except Unavailable as exc:
@@ -391,5 +389,5 @@ class Degradation:
                     continue
                 if n:
                     log.info("replayed %d buffered writes and heartbeats", n)
-            if not self.buffer.ops and not self.buffer.heartbeats:
+            if not self.draining:
                 self._drained.set()

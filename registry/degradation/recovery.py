@@ -69,8 +69,7 @@ class Recovery:
     async def restore(self) -> bool:
         """Redis answers: put back the data set if it was lost. True when it was."""
         gateway, replica = self._gateway, self._replica
-        await gateway.ping()
-        had = replica.version
+        had = replica.version  # before asking (registry/dataset.py says why)
         version, epoch = await gateway.state()
         why = dataset.loss(version=version, had=had, epoch=epoch, known_epoch=gateway.epoch)
         await asyncio.sleep(self._rng.uniform(0, self._jitter))  # no stampede
@@ -119,13 +118,13 @@ class Recovery:
 
     async def _replay_commands(self, count: int) -> int:
         buffer = self._buffer
-        for _ in range(count):
-            if not buffer.ops:
-                break
+        done = 0
+        while buffer.ops and done < count:
             seq, command = buffer.ops[0]
             await self._apply(command)  # Unavailable: stays buffered, replayed later
             buffer.pop_op(seq)
-        return count
+            done += 1
+        return done
 
     async def _apply(self, command: Command[Any]) -> None:
         try:

@@ -205,8 +205,7 @@ class _Op:
         self._start = time.perf_counter()
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        end = time.perf_counter()
-        elapsed = end - self._start
+        elapsed = time.perf_counter() - self._start
         gw = self._gw
         if gw.recorder is not None and (exc is None or isinstance(exc, (RedisError, OSError))):
             gw.recorder(self._name, elapsed, exc)
